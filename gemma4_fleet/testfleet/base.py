@@ -13,9 +13,23 @@ SUITE = "bookworm"
 # What a host needs: systemd as PID 1, sshd, python3 (pyinfra facts, the smoke check) and the
 # toolchain llama.cpp builds with. The hosts have no route out, so it must all be in the image.
 PACKAGES = (
-    "systemd", "systemd-sysv", "dbus", "openssh-server", "iproute2", "python3",
-    "ca-certificates", "cmake", "g++", "make", "git", "ccache", "pkg-config",
-    "libssl-dev", "ninja-build", "curl", "procps",
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "openssh-server",
+    "iproute2",
+    "python3",
+    "ca-certificates",
+    "cmake",
+    "g++",
+    "make",
+    "git",
+    "ccache",
+    "pkg-config",
+    "libssl-dev",
+    "ninja-build",
+    "curl",
+    "procps",
 )
 # Bump when the customisation in _customise changes: it is part of the cache key.
 RECIPE_VERSION = "2"
@@ -86,8 +100,14 @@ def ensure_base(cache: Path, recipe: BaseRecipe | None = None, log: Path | None 
     shutil.rmtree(final, ignore_errors=True)
     log = log or cache / f"{final.name}.log"
     include = ",".join(recipe.packages + recipe.extra_packages)
-    cmd = ["debootstrap", "--variant=minbase", f"--include={include}", recipe.suite, str(tmp),
-           apt_mirror()]
+    cmd = [
+        "debootstrap",
+        "--variant=minbase",
+        f"--include={include}",
+        recipe.suite,
+        str(tmp),
+        apt_mirror(),
+    ]
     try:
         with log.open("w") as out:
             result = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=False)

@@ -192,40 +192,85 @@ class Fleet:
         _run("ip", "link", "set", BRIDGE, "up")
         log = (self.state_dir / "mirror.log").open("w")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gemma4_fleet.testfleet.mirrors", str(self.state_dir / "mirror"),
-             "--bind", GATEWAY, "--port", str(MIRROR_PORT)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "gemma4_fleet.testfleet.mirrors",
+                str(self.state_dir / "mirror"),
+                "--bind",
+                GATEWAY,
+                "--port",
+                str(MIRROR_PORT),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.mirror_pid = proc.pid
         self._save()
 
     def _ssh_key(self) -> None:
         if not self.key.exists():
-            _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "gemma4-fleet",
-                 "-f", str(self.key))
+            _run(
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                "gemma4-fleet",
+                "-f",
+                str(self.key),
+            )
 
     def _create(self, index: int, base: Path) -> TestHost:
         name = f"{PREFIX}-node{index}"
-        host = TestHost(name=name, index=index, address=f"{SUBNET}.{FIRST_HOST_OCTET + index - 1}",
-                        dir=str(self.state_dir / "hosts" / name))
+        host = TestHost(
+            name=name,
+            index=index,
+            address=f"{SUBNET}.{FIRST_HOST_OCTET + index - 1}",
+            dir=str(self.state_dir / "hosts" / name),
+        )
         self.hosts[name] = host
         self._save()
         for sub in ("upper", "work", "root"):
             (Path(host.dir) / sub).mkdir(parents=True, exist_ok=True)
-        _run("mount", "-t", "overlay", "overlay", "-o",
-             f"lowerdir={base},upperdir={host.dir}/upper,workdir={host.dir}/work", str(host.root))
+        _run(
+            "mount",
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            f"lowerdir={base},upperdir={host.dir}/upper,workdir={host.dir}/work",
+            str(host.root),
+        )
         (host.root / "etc" / "hostname").write_text(name + "\n")
         ssh_dir = host.root / "root" / ".ssh"
         ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         (ssh_dir / "authorized_keys").write_text(self.key.with_suffix(".pub").read_text())
         _run("ssh-keygen", "-A", "-f", str(host.root))
         _run("ip", "netns", "add", host.netns)
-        _run("ip", "link", "add", host.veth, "type", "veth", "peer", "name", "host0",
-             "netns", host.netns)
+        _run(
+            "ip",
+            "link",
+            "add",
+            host.veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "host0",
+            "netns",
+            host.netns,
+        )
         _run("ip", "link", "set", host.veth, "master", BRIDGE)
         _run("ip", "link", "set", host.veth, "up")
-        for cmd in (("addr", "add", f"{host.address}/24", "dev", "host0"),
-                    ("link", "set", "host0", "up"), ("link", "set", "lo", "up")):
+        for cmd in (
+            ("addr", "add", f"{host.address}/24", "dev", "host0"),
+            ("link", "set", "host0", "up"),
+            ("link", "set", "lo", "up"),
+        ):
             _run("ip", "-n", host.netns, *cmd)
         self._boot(host)
         return host
@@ -235,25 +280,57 @@ class Fleet:
         ccache.mkdir(parents=True, exist_ok=True)
         log = (Path(host.dir) / "console.log").open("a")
         proc = subprocess.Popen(
-            ["systemd-nspawn", "-q", "-D", str(host.root), "-M", host.name, "--boot",
-             "--register=no", "--keep-unit", "--console=read-only",
-             f"--network-namespace-path=/run/netns/{host.netns}",
-             f"--bind={ccache}:{HOST_CCACHE_DIR}"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                "systemd-nspawn",
+                "-q",
+                "-D",
+                str(host.root),
+                "-M",
+                host.name,
+                "--boot",
+                "--register=no",
+                "--keep-unit",
+                "--console=read-only",
+                f"--network-namespace-path=/run/netns/{host.netns}",
+                f"--bind={ccache}:{HOST_CCACHE_DIR}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         host.pid = proc.pid
         host.boot_seconds = -time.monotonic()
         self._save()
 
     def ssh_command(self, host: TestHost, *command: str) -> list[str]:
-        return ["ssh", "-i", str(self.key), "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
-                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                "-o", "ConnectTimeout=3", f"root@{host.address}", *command]
+        return [
+            "ssh",
+            "-i",
+            str(self.key),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=3",
+            f"root@{host.address}",
+            *command,
+        ]
 
     def ssh(self, name: str, command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run one shell command on a host over real SSH."""
-        result = subprocess.run(self.ssh_command(self.hosts[name], command),
-                                capture_output=True, text=True, check=False, timeout=600)
+        result = subprocess.run(
+            self.ssh_command(self.hosts[name], command),
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=600,
+        )
         if check and result.returncode != 0:
             raise FleetError(f"{name}: `{command}` exited {result.returncode}: {result.stderr}")
         return result
@@ -265,7 +342,10 @@ class Fleet:
                 raise FleetError(f"{host.name}: systemd-nspawn exited; see {host.dir}/console.log")
             result = subprocess.run(
                 self.ssh_command(host, "systemctl", "is-system-running", "--wait"),
-                capture_output=True, text=True, check=False, timeout=120,
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=120,
             )
             if result.stdout.strip() in ("running", "degraded"):
                 host.boot_seconds += time.monotonic()
@@ -335,23 +415,36 @@ class Fleet:
     def leftovers(self) -> dict[str, list[str]]:
         """What of ours still exists on this machine (empty lists after a clean `down`)."""
         ours = (self.state_dir / "hosts").as_posix() + "/"
-        procs = [p.name for p in Path("/proc").iterdir() if p.name.isdigit()
-                 and ours in " ".join(_cmdline(int(p.name)))]
-        netns = [n for n in _run("ip", "netns", "list", check=False).stdout.split()
-                 if n.startswith(f"{PREFIX}-node")]
-        return {"processes": procs, "mounts": self._our_mounts(), "links": self.our_links(),
-                "netns": netns}
+        procs = [
+            p.name
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit() and ours in " ".join(_cmdline(int(p.name)))
+        ]
+        netns = [
+            n
+            for n in _run("ip", "netns", "list", check=False).stdout.split()
+            if n.startswith(f"{PREFIX}-node")
+        ]
+        return {
+            "processes": procs,
+            "mounts": self._our_mounts(),
+            "links": self.our_links(),
+            "netns": netns,
+        }
 
     # -- pyinfra --------------------------------------------------------------------------
     def inventory(self) -> list[tuple[str, dict[str, Any]]]:
         """Hosts as pyinfra `(name, data)` pairs for the @ssh connector."""
         return [
-            (host.name, {
-                "ssh_hostname": host.address,
-                "ssh_user": "root",
-                "ssh_key": str(self.key),
-                "ssh_strict_host_key_checking": "no",
-                "ssh_known_hosts_file": "/dev/null",
-            })
+            (
+                host.name,
+                {
+                    "ssh_hostname": host.address,
+                    "ssh_user": "root",
+                    "ssh_key": str(self.key),
+                    "ssh_strict_host_key_checking": "no",
+                    "ssh_known_hosts_file": "/dev/null",
+                },
+            )
             for host in self.hosts.values()
         ]

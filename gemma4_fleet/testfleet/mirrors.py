@@ -1,4 +1,4 @@
-"""Mirrors the test hosts fetch from: a git repository of llama.cpp and a model folder, over HTTP."""
+"""Mirrors the test hosts fetch from: a git repository of llama.cpp and models, over HTTP."""
 
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ _GIT_ENV = {
 
 def _git(*args: str, env: dict[str, str] | None = None) -> str:
     result = subprocess.run(
-        ["git", *args], capture_output=True, text=True, check=True,
+        ["git", *args],
+        capture_output=True,
+        text=True,
+        check=True,
         env={**os.environ, **(env or {})},
     )
     return result.stdout.strip()
@@ -57,7 +60,7 @@ def git_mirror(source: Path, dest: Path, upstream_commit: str) -> tuple[Path, st
 class RangeRequestHandler(SimpleHTTPRequestHandler):
     """Static files with single `Range: bytes=a-b` support (GGUF header reads use it)."""
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
     def send_head(self):  # type: ignore[no-untyped-def]

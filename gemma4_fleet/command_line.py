@@ -1,0 +1,96 @@
+"""The one place that turns configuration into llama-server's command line, and reads --help."""
+
+from __future__ import annotations
+
+import re
+
+from gemma4_fleet.config import ConfigError, HostConfig, Instance
+
+# Characters systemd passes through unquoted in ExecStart (no specifiers, variables or quotes).
+_SAFE = re.compile(r"^[A-Za-z0-9_./:=,+@-]+$")
+
+
+def server_argv(config: HostConfig, inst: Instance, ctx_size: int | None = None) -> list[str]:
+    """argv of llama-server for one instance, flags named as the pinned commit names them.
+
+    `ctx_size` is the planned context when the instance asks for "auto".
+    """
+    ctx = ctx_size if ctx_size is not None else inst.ctx_size
+    if not isinstance(ctx, int):
+        raise ConfigError(f"instance {inst.name}: ctx_size auto needs a VRAM plan")
+    argv = [config.server_binary, "--model", config.model_path(inst.target)]
+    if inst.drafter is not None:
+        argv += [
+            "--model-draft",
+            config.model_path(inst.drafter),
+            "--spec-type",
+            inst.spec_type,
+            "--spec-draft-n-max",
+            str(inst.draft_n_max),
+            "--spec-draft-n-min",
+            str(inst.draft_n_min),
+            "--spec-draft-p-min",
+            f"{inst.draft_p_min:g}",
+            "--spec-draft-ngl",
+            str(inst.draft_gpu_layers),
+            "--cache-type-k-draft",
+            inst.cache_type_k_draft,
+            "--cache-type-v-draft",
+            inst.cache_type_v_draft,
+        ]
+    argv += [
+        "--ctx-size",
+        str(inst.ctx_size),
+        "--n-gpu-layers",
+        str(inst.gpu_layers),
+        "--cache-type-k",
+        inst.cache_type_k,
+        "--cache-type-v",
+        inst.cache_type_v,
+        "--parallel",
+        str(inst.parallel),
+        "--fit",
+        "on" if inst.fit else "off",
+        "--flash-attn",
+        inst.flash_attn,
+    ]
+    if inst.cont_batching:
+        argv.append("--cont-batching")
+    if inst.jinja:
+        argv.append("--jinja")
+    if inst.threads is not None:
+        argv += ["--threads", str(inst.threads)]
+    # --offline: the server never fetches anything itself; --metrics: Prometheus incl. drafts.
+    argv += ["--host", inst.host, "--port", str(inst.port), "--offline", "--metrics", "--no-webui"]
+    return argv + list(inst.extra_args)
+
+
+def flags_of(argv: list[str]) -> list[str]:
+    """The option names in an argv (what the built binary's --help must know)."""
+    return [arg.split("=", 1)[0] for arg in argv[1:] if re.match(r"^--?[A-Za-z]", arg)]
+
+
+def parse_help_flags(help_text: str) -> set[str]:
+    """Every option name llama-server --help lists (lines like `-fa,   --flash-attn [on|off]`)."""
+    flags: set[str] = set()
+    for line in help_text.splitlines():
+        if not line.startswith("-"):
+            continue
+        names = re.split(r"\s{2,}", line, maxsplit=1)[0]
+        for token in re.split(r"[,\s]+", names):
+            if token.startswith("-") and len(token) > 1:
+                flags.add(token)
+    return flags
+
+
+def systemd_quote(arg: str) -> str:
+    """One argument escaped for ExecStart= (systemd.service(5) "Command lines")."""
+    escaped = arg.replace("%", "%%").replace("$", "$$")
+    if _SAFE.match(arg):
+        return escaped
+    escaped = escaped.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def exec_start(argv: list[str]) -> str:
+    return " ".join(systemd_quote(arg) for arg in argv)

@@ -1,0 +1,192 @@
+"""Custom pyinfra facts: what a host has of llama.cpp, its models and its GPUs."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from pyinfra.api import FactBase, FactProcessError, QuoteString, StringCommand
+
+from gemma4_fleet.command_line import parse_help_flags
+
+_MISSING = "G4F-MISSING"
+
+
+def _single(output: list[str]) -> str | None:
+    text = "\n".join(output).strip()
+    return None if not text or text == _MISSING else text
+
+
+class GitHead(FactBase[str | None]):
+    """The commit checked out in a git work tree, or None when there is none."""
+
+    def command(self, path: str) -> StringCommand:
+        return StringCommand(
+            "git",
+            "-C",
+            QuoteString(path),
+            "rev-parse",
+            "-q",
+            "--verify",
+            "HEAD",
+            "2>/dev/null",
+            "||",
+            "echo",
+            _MISSING,
+        )
+
+    def process(self, output: list[str]) -> str | None:
+        return _single(output)
+
+
+class LlamaCppBuildInfo(FactBase[dict[str, str] | None]):
+    """The BUILD-INFO of an installed llama.cpp build directory (key=value lines), or None."""
+
+    def command(self, build_dir: str) -> StringCommand:
+        return StringCommand(
+            "cat",
+            QuoteString(f"{build_dir}/BUILD-INFO"),
+            "2>/dev/null",
+            "||",
+            "echo",
+            _MISSING,
+        )
+
+    def process(self, output: list[str]) -> dict[str, str] | None:
+        if _single(output) is None:
+            return None
+        return dict(line.split("=", 1) for line in output if "=" in line)
+
+
+class LlamaServerFlags(FactBase[set[str] | None]):
+    """Option names the llama-server binary at `binary` lists in --help, or None if absent."""
+
+    def command(self, binary: str) -> StringCommand:
+        return StringCommand(
+            "test",
+            "-x",
+            QuoteString(binary),
+            "&&",
+            QuoteString(binary),
+            "--help",
+            "2>&1",
+            "||",
+            "echo",
+            _MISSING,
+        )
+
+    def process(self, output: list[str]) -> set[str] | None:
+        if _single(output) is None:
+            return None
+        return parse_help_flags("\n".join(output))
+
+
+class ModelFileStamp(FactBase[str | None]):
+    """`<size> <mtime>` of a model file plus the stamp written when it was last verified."""
+
+    def command(self, path: str) -> StringCommand:
+        return StringCommand(
+            "stat",
+            "-c",
+            "'%s %Y'",
+            QuoteString(path),
+            "2>/dev/null",
+            "&&",
+            "cat",
+            QuoteString(f"{path}.sha256"),
+            "2>/dev/null",
+            "||",
+            "echo",
+            _MISSING,
+        )
+
+    def process(self, output: list[str]) -> str | None:
+        text = " ".join(line.strip() for line in output if line.strip())
+        return None if _MISSING in text or not text else text
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    uuid: str
+    name: str
+    memory_total_mib: int
+    memory_used_mib: int
+    compute_cap: str
+
+    @property
+    def cuda_architecture(self) -> int:
+        """CMAKE_CUDA_ARCHITECTURES value: compute capability 8.9 -> 89, 12.0 -> 120."""
+        major, minor = self.compute_cap.split(".")
+        return int(major) * 10 + int(minor)
+
+
+NVIDIA_SMI_QUERY = "index,uuid,name,memory.total,memory.used,compute_cap"
+
+
+def parse_nvidia_smi(output: list[str]) -> list[Gpu]:
+    """Parse `nvidia-smi --query-gpu=<NVIDIA_SMI_QUERY> --format=csv,noheader,nounits`."""
+    gpus = []
+    for line in output:
+        if not line.strip():
+            continue
+        parts = [part.strip() for part in line.split(",")]
+        if (
+            len(parts) != 6
+            or not re.fullmatch(r"\d+\.\d+", parts[5])
+            or not parts[1].startswith(("GPU-", "MIG-"))
+        ):
+            raise FactProcessError(f"unexpected nvidia-smi line: {line!r}")
+        try:
+            gpus.append(
+                Gpu(int(parts[0]), parts[1], parts[2], int(parts[3]), int(parts[4]), parts[5])
+            )
+        except ValueError as exc:
+            raise FactProcessError(f"unexpected nvidia-smi line: {line!r} ({exc})") from None
+    return gpus
+
+
+class NvidiaGpus(FactBase[list[Gpu]]):
+    """One record per NVIDIA GPU (from nvidia-smi); empty on a host without NVIDIA tools."""
+
+    @staticmethod
+    def default() -> list[Gpu]:
+        return []
+
+    def requires_command(self, *args: Any, **kwargs: Any) -> str:
+        return "nvidia-smi"
+
+    def command(self) -> str:
+        return f"nvidia-smi --query-gpu={NVIDIA_SMI_QUERY} --format=csv,noheader,nounits"
+
+    def process(self, output: list[str]) -> list[Gpu]:
+        return parse_nvidia_smi(output)
+
+
+class CudaToolkit(FactBase[str | None]):
+    """The CUDA compiler's release (e.g. "12.4"), looked up on PATH and in /usr/local/cuda."""
+
+    def command(self) -> str:
+        return (
+            "{ command -v nvcc || ls /usr/local/cuda/bin/nvcc; } 2>/dev/null | head -n1 | "
+            "xargs -r -I{} {} --version 2>/dev/null | grep -o 'release [0-9.]*' "
+            f"|| echo {_MISSING}"
+        )
+
+    def process(self, output: list[str]) -> str | None:
+        text = _single(output)
+        return text.removeprefix("release ") if text else None
+
+
+class SystemdVersion(FactBase[int]):
+    """systemd's major version (restart back-off settings need 254 or later)."""
+
+    def command(self) -> str:
+        return "systemctl --version | head -n1"
+
+    def process(self, output: list[str]) -> int:
+        match = re.match(r"systemd (\d+)", output[0] if output else "")
+        if not match:
+            raise FactProcessError(f"unexpected systemctl --version: {output!r}")
+        return int(match.group(1))

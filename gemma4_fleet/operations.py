@@ -1,0 +1,223 @@
+"""Operations for llama.cpp hosts: each reads facts and yields only what differs."""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from collections.abc import Generator
+
+from pyinfra import host, state
+from pyinfra.api import (
+    FileUploadCommand,
+    FunctionCommand,
+    QuoteString,
+    State,
+    StringCommand,
+    operation,
+)
+from pyinfra.api.host import Host
+
+from gemma4_fleet.config import HostConfig, ModelFile
+from gemma4_fleet.facts import GitHead, LlamaCppBuildInfo, LlamaServerFlags, ModelFileStamp
+
+logger = logging.getLogger("gemma4_fleet")
+Commands = Generator[StringCommand | FunctionCommand | FileUploadCommand, None, None]
+
+
+def _fail(state: State, host: Host, reason: str) -> bool:
+    host.log_styled(reason, fg="red", log_func=logger.error)
+    return False
+
+
+def failure(reason: str) -> FunctionCommand:
+    """A command that fails this host (only) with `reason`, for problems found while running."""
+    return FunctionCommand(_fail, (reason,), {})
+
+
+def _script(text: str, **values: str) -> StringCommand:
+    """A `sh -c` script whose values arrive as quoted positional parameters, never pasted in."""
+    names = list(values)
+    prelude = "".join(f'{name}="${{{i}}}"; ' for i, name in enumerate(names, start=1))
+    return StringCommand(
+        "sh",
+        "-c",
+        QuoteString("set -eu; " + prelude + text),
+        "g4f",
+        *(QuoteString(values[name]) for name in names),
+    )
+
+
+@operation()
+def fail(reason: str) -> Commands:
+    """Fail this host with a clear reason and touch nothing.
+
+    + reason: what is wrong, shown in red on that host
+    """
+    yield failure(reason)
+
+
+@operation()
+def source(src_dir: str, git_url: str, commit: str) -> Commands:
+    """Check out `commit` of llama.cpp in `src_dir`, fetching only when HEAD differs.
+
+    + src_dir: the git work tree (created if absent)
+    + git_url: where to fetch from (GitHub or a mirror; dumb HTTP mirrors are handled)
+    + commit: the 40-hex commit to check out
+    """
+    if host.get_fact(GitHead, path=src_dir) == commit:
+        host.noop(f"llama.cpp source already at {commit[:12]}")
+        return
+    yield _script(
+        'mkdir -p "$src"; cd "$src"; [ -d .git ] || git init -q .; '
+        'git remote remove origin 2>/dev/null || true; git remote add origin "$url"; '
+        # Fetch just the commit where the server allows it (GitHub), else every branch.
+        'git fetch -q --depth 1 origin "$commit" 2>/dev/null || git fetch -q origin; '
+        'git -c advice.detachedHead=false checkout -q --force --detach "$commit"',
+        src=src_dir,
+        url=git_url,
+        commit=commit,
+    )
+
+
+def cmake_options(config: HostConfig, cuda_architectures: list[int]) -> list[str]:
+    """CMake cache options for a portable build of just the server tools."""
+    options = [
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DGGML_NATIVE=OFF",
+        "-DGGML_CCACHE=ON",
+        "-DBUILD_SHARED_LIBS=OFF",  # one self-contained binary per build directory
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_APP=OFF",
+        "-DLLAMA_USE_PREBUILT_UI=OFF",  # the prebuilt UI download fails offline
+    ]
+    if config.build.cuda:
+        archs = ";".join(str(a) for a in cuda_architectures)
+        options += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={archs}"]
+    else:
+        options.append("-DGGML_CUDA=OFF")
+    return options + list(config.build.cmake_flags)
+
+
+@operation()
+def build(config: HostConfig, cuda_architectures: list[int]) -> Commands:
+    """Build llama-server and llama-bench into the versioned directory of this config.
+
+    The build happens in a scratch folder; only a finished build is renamed into place, so a
+    failed build leaves the previous one (which the unit still points at) serving.
+
+    + config: the host's validated configuration (commit, build options, install root)
+    + cuda_architectures: CMAKE_CUDA_ARCHITECTURES values (ignored for CPU builds)
+    """
+    if host.get_fact(LlamaCppBuildInfo, build_dir=config.build_dir) is not None:
+        host.noop(f"llama.cpp build {config.build_id} already installed")
+        return
+    root = config.build.install_root
+    yield _script(
+        'set -f; [ -z "$ccache" ] || export CCACHE_DIR="$ccache"; jobs="${jobs:-$(nproc)}"; '
+        'mkdir -p "$root/build" "$root/builds"; '
+        'scratch="$root/build/$id"; stage="$root/builds/$id.partial"; '
+        'cmake -S "$root/src" -B "$scratch" -G Ninja $options >"$root/build/$id.log" 2>&1 || '
+        '{ tail -n 40 "$root/build/$id.log"; exit 1; }; '
+        'cmake --build "$scratch" --target llama-server llama-bench -j "$jobs" '
+        '>>"$root/build/$id.log" 2>&1 || { tail -n 40 "$root/build/$id.log"; exit 1; }; '
+        'rm -rf "$stage"; mkdir -p "$stage/bin"; '
+        'cp "$scratch/bin/llama-server" "$scratch/bin/llama-bench" "$stage/bin/"; '
+        '"$stage/bin/llama-server" --version >"$stage/VERSION" 2>&1; '
+        'printf "commit=%s\\nid=%s\\noptions=%s\\n" "$commit" "$id" "$options" '
+        '>"$stage/BUILD-INFO"; '
+        'rm -rf "$root/builds/$id"; mv "$stage" "$root/builds/$id"; rm -rf "$scratch"',
+        root=root,
+        id=config.build_id,
+        commit=config.llamacpp.commit,
+        options=" ".join(cmake_options(config, cuda_architectures)),
+        jobs=str(config.build.jobs or ""),
+        ccache=config.build.ccache_dir or "",
+    )
+
+
+@operation()
+def flags_known(binary: str, flags: list[str]) -> Commands:
+    """Fail the host when the binary's --help does not list every flag the unit will use.
+
+    + binary: the llama-server that the unit will run
+    + flags: option names from the rendered argv
+    """
+    known = host.get_fact(LlamaServerFlags, binary=binary)
+    if known is None:
+        # Not built yet: this runs again at execution time, after the build.
+        if state.is_executing:
+            yield failure(f"{binary} is missing or does not run")
+        return
+    unknown = sorted(set(flags) - known)
+    if unknown:
+        yield failure(
+            f"llama-server at {binary} does not know {', '.join(unknown)}: "
+            "flag names change between llama.cpp versions; fix llama_server/extra_args"
+        )
+        return
+    host.noop(f"all {len(set(flags))} flags known to {binary}")
+
+
+@operation()
+def model_file(dest: str, model: ModelFile) -> Commands:
+    """Place a GGUF at `dest`, verified by sha256 before it is moved into place.
+
+    A download goes to `dest.partial` first; a file that does not match is deleted and the
+    good file already at `dest` (if any) stays. A `dest.sha256` stamp (sha, size, mtime)
+    saves re-hashing large files on every run.
+
+    + dest: final path on the host
+    + model: the catalogue entry (url or controller path, sha256)
+    """
+    stamp = host.get_fact(ModelFileStamp, path=dest)
+    if stamp is not None:
+        parts = stamp.split()
+        if len(parts) == 5 and parts[2] == model.sha256 and parts[0:2] == parts[3:5]:
+            host.noop(f"{dest} present and verified")
+            return
+    fetch = 'curl -fsSL --retry 3 -o "$tmp" "$url"' if model.url else "true"
+    if model.local_path:
+        # files.put-style upload of the controller's copy to the partial path.
+        yield from _upload(model.local_path, f"{dest}.partial")
+    yield _script(
+        'tmp="$dest.partial"; mkdir -p "$(dirname "$dest")"; '
+        'if [ -f "$dest" ] && [ "$(sha256sum <"$dest" | cut -d" " -f1)" = "$want" ]; then '
+        'rm -f "$tmp"; else ' + fetch + '; got="$(sha256sum <"$tmp" | cut -d" " -f1)"; '
+        'if [ "$got" != "$want" ]; then rm -f "$tmp"; '
+        'echo "sha256 mismatch for $dest: got $got, expected $want" >&2; exit 1; fi; '
+        'chmod 0644 "$tmp"; mv -f "$tmp" "$dest"; fi; '
+        'printf "%s %s\\n" "$want" "$(stat -c "%s %Y" "$dest")" >"$dest.sha256"',
+        dest=dest,
+        want=model.sha256,
+        url=model.url or "",
+    )
+
+
+def _upload(local_path: str, remote_path: str) -> Commands:
+    yield StringCommand("mkdir", "-p", QuoteString(posixpath.dirname(remote_path)))
+    yield FileUploadCommand(local_path, remote_path)
+
+
+@operation(is_idempotent=False)
+def wait_http_ok(url: str, timeout: int, unit: str) -> Commands:
+    """Wait until `url` answers 200 (503 "Loading model" is waited out); fail with the journal.
+
+    + url: e.g. http://127.0.0.1:8080/health
+    + timeout: seconds
+    + unit: the systemd unit whose journal tail is shown on failure
+    """
+    yield _script(
+        "end=$(( $(date +%s) + $timeout )); "
+        'while [ "$(date +%s)" -lt "$end" ]; do '
+        'if curl -fsS -o /dev/null "$url" 2>/dev/null; then exit 0; fi; '
+        # A unit that exited (or is cycling through restarts) will not come up: stop waiting.
+        'case "$(systemctl show -p ActiveState --value "$unit")" in failed|inactive) break;; esac; '
+        '[ "$(systemctl show -p NRestarts --value "$unit")" = 0 ] || break; '
+        "sleep 1; done; "
+        'echo "$url did not answer 200 within $timeout s; $unit is '
+        '$(systemctl is-active "$unit")" >&2; journalctl -u "$unit" -n 25 --no-pager >&2; exit 1',
+        url=url,
+        timeout=str(timeout),
+        unit=unit,
+    )

@@ -1,0 +1,1019 @@
+#!/usr/bin/env python3
+"""Smoke check for one llama-server instance (llama.cpp 0c1e570), standard library only.
+
+This file is copied as-is to the hosts and run there with the host's `python3`
+(Debian bookworm, Python 3.11, nothing pip-installed) after every deploy and from a
+systemd timer (oneshot). It imports nothing outside the standard library; the unit
+tests import the same file.
+
+Checks, in order:
+
+1. `GET /health` answers 200 `{"status":"ok"}` within `--health-timeout`; 503
+   `Loading model` and refused connections are retried until then.
+2. `GET /props`: `build_info` (`b<N>-<short sha>`) names `--expect-commit` (compared on
+   the common prefix, at least 7 hex digits) and `model_path` equals `--expect-model`.
+   `/props` does not expose the drafter's path, so that is not checked.
+3. `--gpu`: `--pid` is listed by `nvidia-smi --query-compute-apps=pid,used_memory` with
+   at least `--gpu-min-mib` MiB (summed over GPUs). No `nvidia-smi` is a failure. This
+   catches the silent CPU fallback (llama.cpp#27923) that keeps /health at 200.
+4. Busy check (`GET /slots`, else `/metrics` `requests_processing`): if no slot is idle
+   (with `-np 1`: the slot `is_processing`), poll for `--busy-wait` seconds, then stop
+   with status `skipped`, reason `busy`. Repeated before every prompt: the check never
+   queues behind a user.
+5. Throughput: three short prompts (code task, JSON repair, fixed-format list; the
+   server's chat template applied via `POST /apply-template`), `POST /completion` with
+   temperature 0, fixed `n_predict`, `cache_prompt: false`. Per prompt:
+   `timings.predicted_per_second` (llama-server computes it as
+   `(predicted_n - 1) / predicted_ms`, the first token comes from the prompt batch),
+   `draft_n`, `draft_n_accepted`. tok/s = median over the prompts; acceptance =
+   sum(draft_n_accepted) / sum(draft_n), None when no drafts were made.
+6. `--min-tps` / `--min-acceptance`: each failed check adds a reason; any reason makes
+   the status `fail`.
+
+Per-position acceptance: in llama-server `llamacpp:spec_decode_num_drafts_total` counts
+draft *verification steps*, and
+`llamacpp:spec_decode_num_accepted_tokens_per_pos_total{position="i"}` counts the steps
+in which the draft token at 0-based position `i` was accepted (a step that accepts `k`
+draft tokens increments positions `0..k-1`). With `d` the difference of `/metrics`
+before and after the run:
+
+    acceptance_by_position[i] = d accepted_per_pos[i] / d drafts_total
+
+i.e. the fraction of verification steps that accepted at least `i + 1` draft tokens
+(llama-server's own `acc per pos` log line). It is non-increasing in `i`; its sum is the
+mean number of accepted draft tokens per step. It is left out when `/metrics` is off
+(no `--metrics`), when no drafts were made, or when the draft-token counter moved by a
+different amount than the run's own `draft_n` (concurrent requests, or a restart).
+
+Prometheus textfile (`--prom`) metrics, all gauges; every series has the label
+`instance_name` (`instance` is reserved by Prometheus). A series is left out when its
+value was not measured.
+
+| Metric | Meaning |
+|---|---|
+| `gemma4_smoke_tokens_per_second` | Median generation speed over the prompts, tokens/s |
+| `gemma4_smoke_acceptance_ratio` | Draft tokens accepted / drafted over the run (0..1) |
+| `gemma4_smoke_acceptance_ratio_by_position` | `{position="i"}`: share of verification |
+| | steps that accepted the draft token at 0-based position i |
+| `gemma4_smoke_healthy` | 1 if /health answered 200 within the timeout |
+| `gemma4_smoke_passed` | 1 if the status is `pass` |
+| `gemma4_smoke_skipped` | 1 if the status is `skipped` (slot busy with a user) |
+| `gemma4_smoke_gpu_resident` | 1 if the server PID holds >= the minimum GPU memory |
+| | (only with `--gpu`) |
+| `gemma4_smoke_build_info` | Always 1; labels `build` (`/props` `build_info`, e.g. |
+| | `b1-0c1e570`) and `commit` |
+| `gemma4_smoke_duration_seconds` | Wall time of the smoke check, seconds |
+| `gemma4_smoke_last_run_timestamp_seconds` | Unix time at which the check finished |
+
+Exit code: 0 pass or skipped, 1 fail, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+EXIT_OK = 0
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+
+METRIC_PREFIX = "gemma4_smoke_"
+DEFAULT_N_PREDICT = 128
+DEFAULT_GPU_MIN_MIB = 256
+
+# Short prompts in the style of users' A/B prompts: a small code task, a JSON repair,
+# a fixed-format list.
+PROMPTS: tuple[tuple[str, str], ...] = (
+    (
+        "code",
+        "Write a Python function is_prime(n) that returns True when n is a prime number. "
+        "Reply with the code only.",
+    ),
+    (
+        "json_repair",
+        "Fix this JSON and reply with the corrected JSON only:\n"
+        '{name: \'Ada Lovelace\', "born": 1815, "languages": ["en", "fr",], }',
+    ),
+    (
+        "list",
+        "List the first ten chemical elements, one per line, formatted exactly as "
+        "'<number>. <symbol> - <name>'.",
+    ),
+)
+
+BUSY_UNKNOWN = "busy state unknown (/slots and /metrics unavailable)"
+
+NVIDIA_SMI_ARGS = (
+    "--query-compute-apps=pid,used_memory",
+    "--format=csv,noheader,nounits",
+)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class PromptResult:
+    """One ``/completion`` call; draft fields are None when no drafts were made."""
+
+    name: str
+    predicted_n: int | None = None
+    predicted_ms: float | None = None
+    predicted_per_second: float | None = None
+    draft_n: int | None = None
+    draft_n_accepted: int | None = None
+    templated: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class HealthResult:
+    ok: bool
+    status_code: int | None
+    waited_seconds: float
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class GpuResidency:
+    ok: bool
+    pid: int
+    used_mib: int | None
+    min_mib: int
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class SpecCounters:
+    """llama-server speculative-decoding counters from one ``/metrics`` scrape."""
+
+    drafts: float
+    draft_tokens: float
+    accepted: float
+    accepted_per_pos: Mapping[int, float]
+
+
+@dataclass
+class Report:
+    instance: str
+    url: str
+    status: str = "fail"
+    reasons: list[str] = field(default_factory=list)
+    health: HealthResult | None = None
+    build_info: str | None = None
+    expect_commit: str | None = None
+    commit_ok: bool | None = None
+    model_path: str | None = None
+    expect_model: str | None = None
+    model_ok: bool | None = None
+    total_slots: int | None = None
+    gpu: GpuResidency | None = None
+    n_predict: int = DEFAULT_N_PREDICT
+    prompts: list[PromptResult] = field(default_factory=list)
+    tokens_per_second: float | None = None
+    acceptance: float | None = None
+    acceptance_by_position: list[float] | None = None
+    notes: list[str] = field(default_factory=list)
+    duration_seconds: float = 0.0
+    finished_at: float = 0.0
+
+
+# ------------------------------------------------------------------ pure functions
+
+
+def parse_build_info(build_info: str) -> tuple[int | None, str | None]:
+    """``"b8123-0c1e570"`` -> ``(8123, "0c1e570")``; ``(None, None)`` if malformed."""
+    m = re.fullmatch(r"b(\d+)-([0-9A-Za-z]+)", build_info.strip())
+    if m is None:
+        return None, None
+    return int(m.group(1)), m.group(2).lower()
+
+
+def is_commit_sha(value: str) -> bool:
+    return re.fullmatch(r"[0-9a-fA-F]{7,40}", value.strip()) is not None
+
+
+def commit_matches(build_info: str, expected: str) -> bool:
+    """True if the commit in ``build_info`` and ``expected`` (short or full sha) agree
+    on their common prefix of at least 7 hex digits."""
+    _, commit = parse_build_info(build_info)
+    want = expected.strip().lower()
+    if commit is None or not is_commit_sha(commit) or not is_commit_sha(want):
+        return False
+    n = min(len(commit), len(want))
+    return commit[:n] == want[:n]
+
+
+def parse_nvidia_smi_apps(text: str) -> tuple[dict[int, int | None], list[str]]:
+    """Parse ``nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits``.
+
+    Returns ``({pid: MiB or None}, malformed_lines)``. A PID on several GPUs is
+    summed; ``[N/A]`` / ``[Not Supported]`` memory gives None for that PID.
+    """
+    apps: dict[int, int | None] = {}
+    bad: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 2 or not parts[0].isdigit():
+            bad.append(line)
+            continue
+        pid = int(parts[0])
+        mem: int | None
+        if parts[1].isdigit():
+            mem = int(parts[1])
+        elif parts[1].startswith("["):
+            mem = None
+        else:
+            bad.append(line)
+            continue
+        if pid in apps:
+            prev = apps[pid]
+            apps[pid] = None if prev is None or mem is None else prev + mem
+        else:
+            apps[pid] = mem
+    return apps, bad
+
+
+def gpu_residency(smi_output: str, pid: int, min_mib: int) -> GpuResidency:
+    """Decide GPU residency of ``pid`` from recorded nvidia-smi output."""
+    apps, bad = parse_nvidia_smi_apps(smi_output)
+    if pid not in apps:
+        reason = f"gpu: pid {pid} not among nvidia-smi compute apps (CPU fallback?)"
+        if bad:
+            reason += f"; unparsed nvidia-smi lines: {bad[:3]!r}"
+        return GpuResidency(False, pid, None, min_mib, reason)
+    used = apps[pid]
+    if used is None:
+        return GpuResidency(
+            False, pid, None, min_mib, f"gpu: nvidia-smi reports no used memory for pid {pid}"
+        )
+    if used < min_mib:
+        return GpuResidency(
+            False, pid, used, min_mib, f"gpu: pid {pid} uses {used} MiB < {min_mib} MiB"
+        )
+    return GpuResidency(True, pid, used, min_mib)
+
+
+_SAMPLE_RE = re.compile(
+    r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)"
+)
+_LABEL_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+MetricKey = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def parse_metrics_text(text: str) -> dict[MetricKey, float]:
+    """Minimal Prometheus text parser: ``{(name, sorted label pairs): value}``."""
+    out: dict[MetricKey, float] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE_RE.match(line)
+        if m is None:
+            continue
+        try:
+            value = float(m.group("value"))
+        except ValueError:
+            continue
+        labels = tuple(sorted(_LABEL_RE.findall(m.group("labels") or "")))
+        out[(m.group("name"), labels)] = value
+    return out
+
+
+def spec_counters(samples: Mapping[MetricKey, float]) -> SpecCounters | None:
+    """Extract the speculative-decoding counters; None if they are absent."""
+    p = "llamacpp:"
+    try:
+        drafts = samples[(p + "spec_decode_num_drafts_total", ())]
+        draft_tokens = samples[(p + "spec_decode_num_draft_tokens_total", ())]
+        accepted = samples[(p + "spec_decode_num_accepted_tokens_total", ())]
+    except KeyError:
+        return None
+    per_pos: dict[int, float] = {}
+    for (name, labels), value in samples.items():
+        if name != p + "spec_decode_num_accepted_tokens_per_pos_total":
+            continue
+        pos = dict(labels).get("position", "")
+        if pos.isdigit():
+            per_pos[int(pos)] = value
+    return SpecCounters(drafts, draft_tokens, accepted, per_pos)
+
+
+def per_position_acceptance(
+    before: SpecCounters, after: SpecCounters, run_draft_tokens: int | None = None
+) -> tuple[list[float] | None, str | None]:
+    """Per-position acceptance of the run (see the module docstring).
+
+    ``run_draft_tokens`` (sum of the run's ``draft_n``) guards against counters moved
+    by other requests. Returns ``(ratios, note)``; ratios None with a note when it
+    cannot be computed.
+    """
+    d_drafts = after.drafts - before.drafts
+    d_tokens = after.draft_tokens - before.draft_tokens
+    if d_drafts < 0 or d_tokens < 0:
+        return None, "metrics counters went backwards (server restarted?)"
+    if run_draft_tokens is not None and d_tokens != run_draft_tokens:
+        return None, (
+            f"draft-token counter moved by {d_tokens:g}, the run drafted "
+            f"{run_draft_tokens}: other requests ran concurrently"
+        )
+    if d_drafts == 0:
+        return None, "no drafts in the run"
+    if not after.accepted_per_pos:
+        return None, "no per-position counters in /metrics"
+    n = max(after.accepted_per_pos) + 1
+    ratios = []
+    for i in range(n):
+        d = after.accepted_per_pos.get(i, 0.0) - before.accepted_per_pos.get(i, 0.0)
+        if d < 0:
+            return None, "metrics counters went backwards (server restarted?)"
+        ratios.append(d / d_drafts)
+    return ratios, None
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return int(value)
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def prompt_result_from_completion(name: str, body: Mapping[str, Any]) -> PromptResult:
+    """Build a PromptResult from a ``/completion`` response body."""
+    timings = body.get("timings")
+    if not isinstance(timings, Mapping):
+        return PromptResult(name=name, error="no timings in /completion response")
+    return PromptResult(
+        name=name,
+        predicted_n=_as_int(timings.get("predicted_n")),
+        predicted_ms=_as_float(timings.get("predicted_ms")),
+        predicted_per_second=_as_float(timings.get("predicted_per_second")),
+        draft_n=_as_int(timings.get("draft_n")),
+        draft_n_accepted=_as_int(timings.get("draft_n_accepted")),
+    )
+
+
+def median_tps(results: Iterable[PromptResult]) -> float | None:
+    """Median ``predicted_per_second`` over the successful prompts."""
+    values = [
+        r.predicted_per_second
+        for r in results
+        if r.error is None and r.predicted_per_second is not None and r.predicted_per_second > 0
+    ]
+    return statistics.median(values) if values else None
+
+
+def acceptance_ratio(results: Iterable[PromptResult]) -> float | None:
+    """sum(draft_n_accepted) / sum(draft_n); None when no drafts were made."""
+    drafted = accepted = 0
+    for r in results:
+        if r.error is None and r.draft_n:
+            drafted += r.draft_n
+            accepted += r.draft_n_accepted or 0
+    return accepted / drafted if drafted else None
+
+
+def sum_draft_tokens(results: Iterable[PromptResult]) -> int:
+    return sum(r.draft_n or 0 for r in results if r.error is None)
+
+
+def threshold_reasons(
+    tps: float | None,
+    acceptance: float | None,
+    min_tps: float | None,
+    min_acceptance: float | None,
+) -> list[str]:
+    """Human-readable reasons for each failed threshold."""
+    reasons: list[str] = []
+    if min_tps is not None:
+        if tps is None:
+            reasons.append(f"throughput: no tok/s measured (minimum {min_tps:g})")
+        elif tps < min_tps:
+            reasons.append(f"throughput: {tps:.2f} tok/s < minimum {min_tps:g}")
+    if min_acceptance is not None:
+        if acceptance is None:
+            reasons.append(f"acceptance: no drafts were made (minimum {min_acceptance:g})")
+        elif acceptance < min_acceptance:
+            reasons.append(f"acceptance: {acceptance:.3f} < minimum {min_acceptance:g}")
+    return reasons
+
+
+def decide_status(failures: Sequence[str], busy: bool) -> tuple[str, list[str]]:
+    """Failures win over busy; busy alone gives ``skipped`` with reason ``busy``."""
+    if failures:
+        return "fail", list(failures)
+    if busy:
+        return "skipped", ["busy"]
+    return "pass", []
+
+
+def report_to_dict(report: Report) -> dict[str, Any]:
+    """JSON-ready view of the report."""
+    return {
+        "instance": report.instance,
+        "url": report.url,
+        "status": report.status,
+        "reasons": list(report.reasons),
+        "health": asdict(report.health) if report.health else None,
+        "build_info": report.build_info,
+        "expect_commit": report.expect_commit,
+        "commit_ok": report.commit_ok,
+        "model_path": report.model_path,
+        "expect_model": report.expect_model,
+        "model_ok": report.model_ok,
+        "total_slots": report.total_slots,
+        "gpu": asdict(report.gpu) if report.gpu else None,
+        "n_predict": report.n_predict,
+        "tokens_per_second": {
+            "median": report.tokens_per_second,
+            "per_prompt": {p.name: p.predicted_per_second for p in report.prompts},
+        },
+        "prompts": [asdict(p) for p in report.prompts],
+        "acceptance": report.acceptance,
+        "acceptance_by_position": report.acceptance_by_position,
+        "notes": list(report.notes),
+        "duration_seconds": report.duration_seconds,
+        "finished_at": report.finished_at,
+    }
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _escape_help(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _fmt_value(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def render_prometheus(report: Report) -> str:
+    """Prometheus text exposition (textfile collector) for ``report``."""
+    base = {"instance_name": report.instance}
+    lines: list[str] = []
+
+    def family(name: str, help_text: str, samples: list[tuple[dict[str, str], float]]) -> None:
+        if not samples:
+            return
+        full = METRIC_PREFIX + name
+        lines.append(f"# HELP {full} {_escape_help(help_text)}")
+        lines.append(f"# TYPE {full} gauge")
+        for extra, value in samples:
+            labels = {**base, **extra}
+            body = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items())
+            lines.append(f"{full}{{{body}}} {_fmt_value(value)}")
+
+    def one(value: float | None) -> list[tuple[dict[str, str], float]]:
+        return [] if value is None else [({}, value)]
+
+    family(
+        "tokens_per_second",
+        "Median generation speed over the smoke prompts, tokens per second.",
+        one(report.tokens_per_second),
+    )
+    family(
+        "acceptance_ratio",
+        "Draft tokens accepted / draft tokens generated during the smoke run.",
+        one(report.acceptance),
+    )
+    family(
+        "acceptance_ratio_by_position",
+        "Fraction of draft verification steps that accepted the draft token at this "
+        "0-based position.",
+        [({"position": str(i)}, v) for i, v in enumerate(report.acceptance_by_position or [])],
+    )
+    healthy = report.health is not None and report.health.ok
+    family("healthy", "1 if /health answered 200 within the timeout.", one(float(healthy)))
+    family("passed", "1 if the smoke check passed.", one(float(report.status == "pass")))
+    family(
+        "skipped",
+        "1 if the smoke check was skipped because the slot was busy.",
+        one(float(report.status == "skipped")),
+    )
+    if report.gpu is not None:
+        family(
+            "gpu_resident",
+            "1 if the server process holds at least the minimum GPU memory.",
+            one(float(report.gpu.ok)),
+        )
+    if report.build_info is not None:
+        _, commit = parse_build_info(report.build_info)
+        family(
+            "build_info",
+            "llama-server build reported by /props (always 1).",
+            [({"build": report.build_info, "commit": commit or ""}, 1.0)],
+        )
+    family(
+        "duration_seconds", "Wall time of the smoke check, seconds.", one(report.duration_seconds)
+    )
+    family(
+        "last_run_timestamp_seconds",
+        "Unix time at which the smoke check finished.",
+        one(report.finished_at),
+    )
+    return "\n".join(lines) + "\n"
+
+
+def summary_line(report: Report) -> str:
+    """One-line human summary."""
+    parts = [f"smoke {report.instance} {report.status.upper()}:"]
+    parts.append(
+        f"{report.tokens_per_second:.1f} tok/s median"
+        if report.tokens_per_second is not None
+        else "tok/s n/a"
+    )
+    parts.append(
+        f"acceptance {report.acceptance:.3f}" if report.acceptance is not None else "acceptance n/a"
+    )
+    if report.acceptance_by_position:
+        parts.append("by pos [" + " ".join(f"{v:.2f}" for v in report.acceptance_by_position) + "]")
+    parts.append(f"build {report.build_info or 'n/a'}")
+    if report.gpu is not None:
+        parts.append(f"gpu {report.gpu.used_mib} MiB" if report.gpu.ok else "gpu NOT resident")
+    parts.append(f"{report.duration_seconds:.1f}s")
+    text = ", ".join([" ".join(parts[:2]), *parts[2:]])
+    if report.reasons:
+        text += " | " + "; ".join(report.reasons)
+    return text
+
+
+# ------------------------------------------------------------------------------ I/O
+
+
+def write_atomic(path: str, text: str, mode: int = 0o644) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same directory + rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".smoke-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)  # mkstemp makes 0600; node_exporter must read it
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class HttpClient:
+    """Tiny JSON/text client for llama-server; ignores *_proxy environment variables."""
+
+    def __init__(self, base_url: str, api_key: str | None, timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = timeout
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        auth: bool = True,
+        timeout: float | None = None,
+    ) -> tuple[int, bytes]:
+        """Return ``(status, body)``; HTTP errors are returned, network errors raise."""
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if auth and self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(  # noqa: S310 - scheme validated in parse_args
+            self.base_url + path, data=data, headers=headers, method=method
+        )
+        try:
+            with self._opener.open(req, timeout=timeout or self.timeout) as resp:
+                return int(resp.status), bytes(resp.read())
+        except urllib.error.HTTPError as e:
+            return int(e.code), bytes(e.read())
+
+    def get_json(self, path: str, *, timeout: float | None = None) -> tuple[int, Any]:
+        code, raw = self.request("GET", path, timeout=timeout)
+        return code, _loads(raw)
+
+    def post_json(self, path: str, body: Any, *, timeout: float | None = None) -> tuple[int, Any]:
+        code, raw = self.request("POST", path, body, timeout=timeout)
+        return code, _loads(raw)
+
+
+NETWORK_ERRORS: tuple[type[BaseException], ...] = (OSError, http.client.HTTPException)
+
+
+def _loads(raw: bytes) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8", "replace"))
+    except ValueError:
+        return None
+
+
+def _network_error(e: BaseException) -> str:
+    if isinstance(e, urllib.error.URLError) and not isinstance(e.reason, str):
+        e = e.reason
+    return f"{type(e).__name__}: {e}"
+
+
+def _error_message(code: int, body: Any) -> str:
+    if isinstance(body, Mapping):
+        err = body.get("error")
+        if isinstance(err, Mapping) and isinstance(err.get("message"), str):
+            return f"HTTP {code}: {err['message']}"
+    return f"HTTP {code}"
+
+
+def wait_health(
+    client: HttpClient,
+    timeout: float,
+    poll: float = 1.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> HealthResult:
+    """Poll ``/health`` until 200 ``{"status":"ok"}`` or ``timeout`` seconds."""
+    start = clock()
+    code: int | None = None
+    error: str | None = None
+    while True:
+        remaining = timeout - (clock() - start)
+        try:
+            code, raw = client.request(
+                "GET", "/health", auth=False, timeout=max(1.0, min(5.0, remaining))
+            )
+            body = _loads(raw)
+            if code == 200 and isinstance(body, Mapping) and body.get("status") == "ok":
+                return HealthResult(True, code, round(clock() - start, 3))
+            error = _error_message(code, body)
+        except NETWORK_ERRORS as e:
+            code, error = None, _network_error(e)
+        remaining = timeout - (clock() - start)
+        if remaining <= 0:
+            return HealthResult(False, code, round(clock() - start, 3), error)
+        sleep(min(poll, remaining))
+
+
+def run_nvidia_smi(timeout: float = 15.0) -> tuple[str | None, str | None]:
+    """``(stdout, None)`` or ``(None, reason)``."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None, "gpu: nvidia-smi not found on this host but --gpu was given"
+    try:
+        proc = subprocess.run(
+            [exe, *NVIDIA_SMI_ARGS], capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"gpu: nvidia-smi failed: {e}"
+    if proc.returncode != 0:
+        msg = (proc.stderr or proc.stdout).strip().splitlines()
+        return None, f"gpu: nvidia-smi exited {proc.returncode}: {msg[0] if msg else ''}"
+    return proc.stdout, None
+
+
+def slots_all_busy(slots: Any) -> bool | None:
+    """True if every slot ``is_processing`` (None if ``slots`` is not a slot list)."""
+    if not isinstance(slots, list) or not slots:
+        return None
+    return all(isinstance(s, Mapping) and bool(s.get("is_processing")) for s in slots)
+
+
+def server_busy(client: HttpClient) -> bool | None:
+    """Whether no slot is idle, from /slots, else /metrics; None if unknown."""
+    try:
+        code, slots = client.get_json("/slots")
+        if code == 200:
+            busy = slots_all_busy(slots)
+            if busy is not None:
+                return busy
+        code, raw = client.request("GET", "/metrics")
+        if code == 200:
+            samples = parse_metrics_text(raw.decode("utf-8", "replace"))
+            processing = samples.get(("llamacpp:requests_processing", ()))
+            code, props = client.get_json("/props")
+            total = props.get("total_slots") if isinstance(props, Mapping) else None
+            if processing is not None and isinstance(total, int):
+                return processing >= total
+    except NETWORK_ERRORS:
+        return None
+    return None
+
+
+def wait_until_idle(
+    client: HttpClient,
+    budget: float,
+    poll: float = 1.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> bool | None:
+    """True once a slot is idle, False if still busy after ``budget`` s, None if unknown."""
+    start = clock()
+    while True:
+        busy = server_busy(client)
+        if busy is None:
+            return None
+        if not busy:
+            return True
+        remaining = budget - (clock() - start)
+        if remaining <= 0:
+            return False
+        sleep(min(poll, remaining))
+
+
+def fetch_spec_counters(client: HttpClient) -> SpecCounters | None:
+    try:
+        code, raw = client.request("GET", "/metrics")
+    except NETWORK_ERRORS:
+        return None
+    if code != 200:
+        return None
+    return spec_counters(parse_metrics_text(raw.decode("utf-8", "replace")))
+
+
+def run_prompt(
+    client: HttpClient, name: str, text: str, n_predict: int, timeout: float
+) -> PromptResult:
+    """Apply the server's chat template, then one ``/completion`` call."""
+    templated = False
+    prompt = text
+    try:
+        code, body = client.post_json(
+            "/apply-template", {"messages": [{"role": "user", "content": text}]}
+        )
+        if code == 200 and isinstance(body, Mapping) and isinstance(body.get("prompt"), str):
+            prompt, templated = body["prompt"], True
+        code, body = client.post_json(
+            "/completion",
+            {
+                "prompt": prompt,
+                "n_predict": n_predict,
+                "temperature": 0,
+                "cache_prompt": False,
+                "stream": False,
+            },
+            timeout=timeout,
+        )
+    except NETWORK_ERRORS as e:
+        return PromptResult(name=name, templated=templated, error=_network_error(e))
+    if code != 200 or not isinstance(body, Mapping):
+        return PromptResult(name=name, templated=templated, error=_error_message(code, body))
+    result = prompt_result_from_completion(name, body)
+    result.templated = templated
+    return result
+
+
+@dataclass(frozen=True)
+class Config:
+    url: str
+    instance: str
+    expect_commit: str
+    expect_model: str
+    gpu: bool = False
+    pid: int | None = None
+    gpu_min_mib: int = DEFAULT_GPU_MIN_MIB
+    api_key: str | None = None
+    min_tps: float | None = None
+    min_acceptance: float | None = None
+    n_predict: int = DEFAULT_N_PREDICT
+    health_timeout: float = 120.0
+    busy_wait: float = 5.0
+    request_timeout: float = 120.0
+    poll: float = 1.0  # seconds between /health and /slots polls
+
+
+def run_smoke(cfg: Config, client: HttpClient | None = None) -> Report:
+    """Run all checks against the live server and return the report."""
+    t0 = time.monotonic()
+    client = client or HttpClient(cfg.url, cfg.api_key)
+    report = Report(
+        instance=cfg.instance,
+        url=cfg.url,
+        expect_commit=cfg.expect_commit,
+        expect_model=cfg.expect_model,
+        n_predict=cfg.n_predict,
+    )
+    failures: list[str] = []
+    busy = False
+
+    # 1. health
+    report.health = wait_health(client, cfg.health_timeout, cfg.poll)
+    if not report.health.ok:
+        failures.append(f"health: not ready after {cfg.health_timeout:g}s ({report.health.error})")
+    else:
+        # 2. props
+        try:
+            code, props = client.get_json("/props")
+        except NETWORK_ERRORS as e:
+            code, props = 0, None
+            failures.append(f"props: {_network_error(e)}")
+        if code == 200 and isinstance(props, Mapping):
+            bi, mp, ts = props.get("build_info"), props.get("model_path"), props.get("total_slots")
+            report.build_info = bi if isinstance(bi, str) else None
+            report.model_path = mp if isinstance(mp, str) else None
+            report.total_slots = ts if isinstance(ts, int) else None
+            report.commit_ok = report.build_info is not None and commit_matches(
+                report.build_info, cfg.expect_commit
+            )
+            if not report.commit_ok:
+                failures.append(f"build: {report.build_info!r} is not commit {cfg.expect_commit}")
+            report.model_ok = report.model_path == cfg.expect_model
+            if not report.model_ok:
+                failures.append(f"model: {report.model_path!r} != {cfg.expect_model!r}")
+        elif code == 200:
+            failures.append("props: unexpected /props response (not a JSON object)")
+        elif code:
+            failures.append(f"props: {_error_message(code, props)}")
+
+    # 3. GPU residency
+    if cfg.gpu:
+        pid = cfg.pid if cfg.pid is not None else -1
+        out, err = run_nvidia_smi()
+        if out is None:
+            report.gpu = GpuResidency(False, pid, None, cfg.gpu_min_mib, err)
+        else:
+            report.gpu = gpu_residency(out, pid, cfg.gpu_min_mib)
+        if not report.gpu.ok and report.gpu.reason:
+            failures.append(report.gpu.reason)
+
+    # 4 + 5. busy check before every prompt, then throughput
+    if report.health.ok:
+        before = fetch_spec_counters(client)
+        for name, text in PROMPTS:
+            idle = wait_until_idle(client, cfg.busy_wait, cfg.poll)
+            if idle is False:
+                busy = True
+                break
+            if idle is None and BUSY_UNKNOWN not in report.notes:
+                report.notes.append(BUSY_UNKNOWN)
+            result = run_prompt(client, name, text, cfg.n_predict, cfg.request_timeout)
+            report.prompts.append(result)
+            if result.error:
+                failures.append(f"completion {name}: {result.error}")
+                break  # the next prompts would fail the same way
+        completed = bool(report.prompts) and all(p.error is None for p in report.prompts)
+        if not busy and completed:
+            report.tokens_per_second = median_tps(report.prompts)
+            report.acceptance = acceptance_ratio(report.prompts)
+            after = fetch_spec_counters(client)
+            if before is None or after is None:
+                report.notes.append("per-position acceptance: /metrics unavailable")
+            else:
+                ratios, note = per_position_acceptance(
+                    before, after, sum_draft_tokens(report.prompts)
+                )
+                report.acceptance_by_position = ratios
+                if note:
+                    report.notes.append(f"per-position acceptance: {note}")
+            # 6. thresholds
+            failures.extend(
+                threshold_reasons(
+                    report.tokens_per_second,
+                    report.acceptance,
+                    cfg.min_tps,
+                    cfg.min_acceptance,
+                )
+            )
+
+    report.status, report.reasons = decide_status(failures, busy)
+    report.duration_seconds = round(time.monotonic() - t0, 3)
+    report.finished_at = round(time.time(), 3)
+    return report
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="smoke_check.py",
+        description="Smoke-check one llama-server instance (exit 0 pass/skipped, 1 fail).",
+    )
+    p.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8080")
+    p.add_argument("--instance", required=True, help="instance name (instance_name label)")
+    p.add_argument("--expect-commit", required=True, help="llama.cpp commit, short or full sha")
+    p.add_argument("--expect-model", required=True, help="expected /props model_path")
+    p.add_argument("--gpu", action="store_true", help="require GPU residency of --pid")
+    p.add_argument("--pid", type=_positive_int, help="llama-server PID (systemd MainPID)")
+    p.add_argument("--gpu-min-mib", type=_positive_int, default=DEFAULT_GPU_MIN_MIB)
+    p.add_argument("--api-key-file", help="file holding the server's API key")
+    p.add_argument("--min-tps", type=_positive_float, help="minimum median tokens/s")
+    p.add_argument("--min-acceptance", type=float, help="minimum draft acceptance (0..1)")
+    p.add_argument("--n-predict", type=_positive_int, default=DEFAULT_N_PREDICT)
+    p.add_argument("--health-timeout", type=_positive_float, default=120.0, help="seconds")
+    p.add_argument("--busy-wait", type=float, default=5.0, help="seconds to wait for an idle slot")
+    p.add_argument("--request-timeout", type=_positive_float, default=120.0, help="per prompt, s")
+    p.add_argument("--json", required=True, dest="json_path", help="JSON report path")
+    p.add_argument("--prom", required=True, dest="prom_path", help="Prometheus textfile path")
+    return p
+
+
+def config_from_args(ns: argparse.Namespace) -> Config:
+    """Validate parsed arguments; raises _UsageError."""
+    parsed = urllib.parse.urlsplit(ns.url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise _UsageError(f"--url must be http(s)://host:port, got {ns.url!r}")
+    if not is_commit_sha(ns.expect_commit):
+        raise _UsageError(f"--expect-commit must be 7-40 hex digits, got {ns.expect_commit!r}")
+    if ns.gpu and ns.pid is None:
+        raise _UsageError("--gpu needs --pid")
+    if ns.min_acceptance is not None and not 0 <= ns.min_acceptance <= 1:
+        raise _UsageError("--min-acceptance must be within 0..1")
+    if ns.busy_wait < 0:
+        raise _UsageError("--busy-wait must be >= 0")
+    api_key = None
+    if ns.api_key_file:
+        try:
+            with open(ns.api_key_file, encoding="utf-8") as fh:
+                api_key = fh.read().strip() or None
+        except OSError as e:
+            raise _UsageError(f"--api-key-file: {e}") from e
+    return Config(
+        url=ns.url,
+        instance=ns.instance,
+        expect_commit=ns.expect_commit,
+        expect_model=ns.expect_model,
+        gpu=ns.gpu,
+        pid=ns.pid,
+        gpu_min_mib=ns.gpu_min_mib,
+        api_key=api_key,
+        min_tps=ns.min_tps,
+        min_acceptance=ns.min_acceptance,
+        n_predict=ns.n_predict,
+        health_timeout=ns.health_timeout,
+        busy_wait=ns.busy_wait,
+        request_timeout=ns.request_timeout,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)  # exits 2 on usage errors
+    try:
+        cfg = config_from_args(ns)
+    except _UsageError as e:
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    report = run_smoke(cfg)
+    print(summary_line(report), flush=True)
+    try:
+        write_atomic(ns.json_path, json.dumps(report_to_dict(report), indent=2) + "\n")
+        write_atomic(ns.prom_path, render_prometheus(report))
+    except OSError as e:
+        print(f"{parser.prog}: error: cannot write report: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_FAIL if report.status == "fail" else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

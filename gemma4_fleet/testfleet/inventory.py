@@ -1,0 +1,46 @@
+"""pyinfra inventory data for the local test fleet: the embedded default a fresh machine runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gemma4_fleet.testfleet import assets
+from gemma4_fleet.testfleet.hosts import HOST_CCACHE_DIR, MIRROR_URL, Fleet, FleetError
+
+MODEL = "gemma-3-270m"
+DRAFT = "gemma-3-270m-draft"
+
+
+def demo_data(mirror_commit: str) -> dict[str, Any]:
+    """The real job on test hosts: CPU build from the git mirror, Gemma 3 270M as target and
+    draft (`draft-simple`; no Gemma 4 weights can be had here), server reachable on the veth."""
+    model = {
+        "file": assets.GEMMA3_270M_FILE,
+        "url": f"{MIRROR_URL}/models/{assets.GEMMA3_270M_FILE}",
+        "sha256": assets.GEMMA3_270M_SHA256,
+    }
+    return {
+        "llamacpp": {"git_url": f"{MIRROR_URL}/llama.cpp.git", "commit": mirror_commit},
+        "llamacpp_build": {"cuda": False, "ccache_dir": HOST_CCACHE_DIR},
+        "llama_models": {MODEL: {"role": "target", **model}, DRAFT: {"role": "drafter", **model}},
+        "llama_instances": [
+            {
+                "name": "gemma3",
+                "target": MODEL,
+                "drafter": DRAFT,
+                "spec_type": "draft-simple",
+                "draft_n_max": 4,
+                "ctx_size": 4096,
+                "host": "0.0.0.0",
+                "port": 8080,
+            }
+        ],
+    }
+
+
+def local_fleet_hosts() -> list[tuple[str, dict[str, Any]]]:
+    """Hosts of the running local fleet (see `gemma4-fleet fleet up N`) with the demo data."""
+    fleet = Fleet()
+    if not fleet.hosts:
+        raise FleetError("no local test fleet is up: run `gemma4-fleet fleet up 2` first")
+    return [(name, {**ssh, **demo_data(fleet.mirror_commit)}) for name, ssh in fleet.inventory()]
