@@ -40,7 +40,7 @@ def server_argv(config: HostConfig, inst: Instance, ctx_size: int | None = None)
         ]
     argv += [
         "--ctx-size",
-        str(inst.ctx_size),
+        str(ctx),
         "--n-gpu-layers",
         str(inst.gpu_layers),
         "--cache-type-k",
