@@ -71,15 +71,16 @@ def flags_of(argv: list[str]) -> list[str]:
 
 
 def parse_help_flags(help_text: str) -> set[str]:
-    """Every option name llama-server --help lists (lines like `-fa,   --flash-attn [on|off]`)."""
+    """Every option name llama-server --help lists (lines like `-fa,   --flash-attn [on|off]`).
+
+    Options whose help says "the argument has been removed" (`--draft-max` at this pin) are
+    left out: the server aborts on them.
+    """
     flags: set[str] = set()
     for line in help_text.splitlines():
-        if not line.startswith("-"):
-            continue
-        names = re.split(r"\s{2,}", line, maxsplit=1)[0]
-        for token in re.split(r"[,\s]+", names):
-            if token.startswith("-") and len(token) > 1:
-                flags.add(token)
+        if line.startswith("-") and "the argument has been removed" not in line:
+            names = re.split(r"(?<![,\s])\s{2,}", line, maxsplit=1)[0]
+            flags.update(re.findall(r"(?:^|(?<=[\s,]))(--?[A-Za-z][A-Za-z0-9-]*)", names))
     return flags
 
 

@@ -213,7 +213,7 @@ def servers(config: HostConfig, changed: list[OperationMeta]) -> None:
             jinja_env_kwargs={"trim_blocks": True, "lstrip_blocks": True},
             instance=inst,
             exec_start=exec_start(argv),
-            user=config.service_user,
+            service_user=config.service_user,
             gpu_uuid=uuid,
             groups=groups,
             restart_backoff=backoff,
