@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from gemma4_fleet.testfleet.hosts import MIRROR_URL, Fleet, FleetError
+from gemma4_fleet.testfleet.hosts import Fleet, FleetError
 
 
 def _fleet(args: argparse.Namespace) -> int:
@@ -18,7 +18,8 @@ def _fleet(args: argparse.Namespace) -> int:
         for host in hosts:
             print(f"{host.name}  {host.address}  booted in {host.boot_seconds:.1f} s")
         print(
-            f"fleet of {len(hosts)} up in {time.monotonic() - began:.1f} s; mirror {MIRROR_URL}"
+            f"fleet of {len(hosts)} up in {time.monotonic() - began:.1f} s; "
+            f"mirror {fleet.mirror_url}"
             f" (llama.cpp commit {fleet.mirror_commit}); ssh key {fleet.key}"
         )
         print("deploy: pyinfra inventories/local.py deploys/gemma4_mtp.py")

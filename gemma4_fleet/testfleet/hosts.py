@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,14 +25,11 @@ from gemma4_fleet.testfleet import assets
 from gemma4_fleet.testfleet.base import BaseRecipe, ensure_base
 from gemma4_fleet.testfleet.mirrors import git_mirror
 
-PREFIX = "g4f"
-BRIDGE = f"{PREFIX}-br0"
-SUBNET = "10.213.0"
-GATEWAY = f"{SUBNET}.1"
+# Fleet "g4f" (the default) uses 10.213.0.0/24, a second fleet e.g. 10.213.1.0/24 (never 10.214:
+# that range may belong to a CEO-side fleet on a shared machine).
 FIRST_HOST_OCTET = 11
 MAX_HOSTS = 254 - FIRST_HOST_OCTET + 1
 MIRROR_PORT = 8765
-MIRROR_URL = f"http://{GATEWAY}:{MIRROR_PORT}"
 # Where the shared ccache appears inside every host (bind-mounted), so host 2 reuses host 1's work.
 HOST_CCACHE_DIR = "/var/cache/g4f-ccache"
 REQUIRED_TOOLS = ("debootstrap", "systemd-nspawn", "ip", "ssh", "ssh-keygen", "mount", "git")
@@ -47,6 +45,7 @@ class TestHost:
     index: int
     address: str
     dir: str
+    veth: str
     pid: int = 0
     boot_seconds: float = 0.0
 
@@ -57,10 +56,6 @@ class TestHost:
     @property
     def netns(self) -> str:
         return self.name
-
-    @property
-    def veth(self) -> str:
-        return f"ve-{PREFIX}-{self.index}"
 
 
 def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -98,15 +93,30 @@ def _terminate(pid: int, must_contain: str, timeout: float = 30.0) -> None:
 class Fleet:
     """Create, stop, restart and tear down test hosts; hand back a pyinfra inventory."""
 
-    def __init__(self, state_dir: Path | None = None, cache: Path | None = None) -> None:
-        self.state_dir = state_dir or Path(os.environ.get("G4F_STATE", "/var/lib/gemma4-fleet"))
+    def __init__(
+        self,
+        name: str = "g4f",
+        network: int = 0,
+        state_dir: Path | None = None,
+        cache: Path | None = None,
+    ) -> None:
+        if not re.fullmatch(r"[a-z][a-z0-9]{1,5}", name) or not 0 <= network <= 255:
+            raise FleetError(
+                f"fleet name {name!r} must be 2-6 lowercase letters/digits and "
+                f"network 0-255 (got {network})"
+            )
+        self.prefix, self.bridge_name = name, f"{name}-br0"
+        self.subnet = f"10.213.{network}"
+        self.gateway = f"{self.subnet}.1"
+        self.mirror_url = f"http://{self.gateway}:{MIRROR_PORT}"
+        default_state = "/var/lib/gemma4-fleet" + ("" if name == "g4f" else f"-{name}")
+        self.state_dir = state_dir or Path(os.environ.get("G4F_STATE", default_state))
         self.cache = cache or assets.cache_dir()
         self.state_file = self.state_dir / "state.json"
         self.key = self.state_dir / "id_ed25519"
         self.hosts: dict[str, TestHost] = {}
         self.mirror_pid = 0
         self.mirror_commit = ""
-        self.bridge = False
         self._load()
 
     # -- state ----------------------------------------------------------------------------
@@ -117,7 +127,6 @@ class Fleet:
         self.hosts = {h["name"]: TestHost(**h) for h in data.get("hosts", [])}
         self.mirror_pid = data.get("mirror_pid", 0)
         self.mirror_commit = data.get("mirror_commit", "")
-        self.bridge = data.get("bridge", False)
 
     def _save(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -125,8 +134,7 @@ class Fleet:
             "hosts": [asdict(h) for h in self.hosts.values()],
             "mirror_pid": self.mirror_pid,
             "mirror_commit": self.mirror_commit,
-            "mirror_url": MIRROR_URL,
-            "bridge": self.bridge,
+            "mirror_url": self.mirror_url,
             "ssh_key": str(self.key),
         }
         tmp = self.state_file.with_suffix(".tmp")
@@ -140,7 +148,7 @@ class Fleet:
             raise FleetError(f"host count must be at least 1, got {count!r}")
         if count > MAX_HOSTS:
             raise FleetError(
-                f"host count {count} does not fit the address plan {SUBNET}.0/24 "
+                f"host count {count} does not fit the address plan {self.subnet}.0/24 "
                 f"(at most {MAX_HOSTS} hosts from .{FIRST_HOST_OCTET})"
             )
         self._preflight()
@@ -182,14 +190,12 @@ class Fleet:
         link = self.state_dir / "mirror" / "models" / path.name
         link.unlink(missing_ok=True)
         link.symlink_to(path.resolve())
-        return f"{MIRROR_URL}/models/{path.name}"
+        return f"{self.mirror_url}/models/{path.name}"
 
     def _network(self) -> None:
-        _run("ip", "link", "add", BRIDGE, "type", "bridge")
-        self.bridge = True
-        self._save()
-        _run("ip", "addr", "add", f"{GATEWAY}/24", "dev", BRIDGE)
-        _run("ip", "link", "set", BRIDGE, "up")
+        _run("ip", "link", "add", self.bridge_name, "type", "bridge")
+        _run("ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge_name)
+        _run("ip", "link", "set", self.bridge_name, "up")
         log = (self.state_dir / "mirror.log").open("w")
         proc = subprocess.Popen(
             [
@@ -198,7 +204,7 @@ class Fleet:
                 "gemma4_fleet.testfleet.mirrors",
                 str(self.state_dir / "mirror"),
                 "--bind",
-                GATEWAY,
+                self.gateway,
                 "--port",
                 str(MIRROR_PORT),
             ],
@@ -225,11 +231,12 @@ class Fleet:
             )
 
     def _create(self, index: int, base: Path) -> TestHost:
-        name = f"{PREFIX}-node{index}"
+        name = f"{self.prefix}-node{index}"
         host = TestHost(
             name=name,
             index=index,
-            address=f"{SUBNET}.{FIRST_HOST_OCTET + index - 1}",
+            address=f"{self.subnet}.{FIRST_HOST_OCTET + index - 1}",
+            veth=f"ve-{self.prefix}-{index}",
             dir=str(self.state_dir / "hosts" / name),
         )
         self.hosts[name] = host
@@ -264,7 +271,7 @@ class Fleet:
             "netns",
             host.netns,
         )
-        _run("ip", "link", "set", host.veth, "master", BRIDGE)
+        _run("ip", "link", "set", host.veth, "master", self.bridge_name)
         _run("ip", "link", "set", host.veth, "up")
         for cmd in (
             ("addr", "add", f"{host.address}/24", "dev", "host0"),
@@ -379,14 +386,14 @@ class Fleet:
         for mount in self._our_mounts():
             _run("umount", "-l", mount, check=False)
         for netns in _run("ip", "netns", "list", check=False).stdout.split():
-            if netns.startswith(f"{PREFIX}-node"):
+            if netns.startswith(f"{self.prefix}-node"):
                 _run("ip", "netns", "del", netns, check=False)
         for link in self.our_links():
             _run("ip", "link", "del", link, check=False)
         _terminate(self.mirror_pid, "gemma4_fleet.testfleet.mirrors", timeout=5)
         shutil.rmtree(self.state_dir / "hosts", ignore_errors=True)
         shutil.rmtree(self.state_dir / "mirror", ignore_errors=True)
-        self.hosts, self.mirror_pid, self.bridge = {}, 0, False
+        self.hosts, self.mirror_pid = {}, 0
         self.state_file.unlink(missing_ok=True)
 
     def _sweep_processes(self) -> None:
@@ -403,12 +410,11 @@ class Fleet:
         mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
         return sorted((m for m in mounts if m.startswith(ours)), key=len, reverse=True)
 
-    @staticmethod
-    def our_links() -> list[str]:
+    def our_links(self) -> list[str]:
         names = []
         for line in _run("ip", "-o", "link", "show", check=False).stdout.splitlines():
             name = line.split(":")[1].strip().split("@")[0]
-            if name == BRIDGE or name.startswith(f"ve-{PREFIX}-"):
+            if name == self.bridge_name or name.startswith(f"ve-{self.prefix}-"):
                 names.append(name)
         return names
 
@@ -423,7 +429,7 @@ class Fleet:
         netns = [
             n
             for n in _run("ip", "netns", "list", check=False).stdout.split()
-            if n.startswith(f"{PREFIX}-node")
+            if n.startswith(f"{self.prefix}-node")
         ]
         return {
             "processes": procs,

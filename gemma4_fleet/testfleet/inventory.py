@@ -5,22 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 from gemma4_fleet.testfleet import assets
-from gemma4_fleet.testfleet.hosts import HOST_CCACHE_DIR, MIRROR_URL, Fleet, FleetError
+from gemma4_fleet.testfleet.hosts import HOST_CCACHE_DIR, Fleet, FleetError
 
 MODEL = "gemma-3-270m"
 DRAFT = "gemma-3-270m-draft"
 
 
-def demo_data(mirror_commit: str) -> dict[str, Any]:
+def demo_data(mirror_url: str, mirror_commit: str) -> dict[str, Any]:
     """The real job on test hosts: CPU build from the git mirror, Gemma 3 270M as target and
     draft (`draft-simple`; no Gemma 4 weights can be had here), server reachable on the veth."""
     model = {
         "file": assets.GEMMA3_270M_FILE,
-        "url": f"{MIRROR_URL}/models/{assets.GEMMA3_270M_FILE}",
+        "url": f"{mirror_url}/models/{assets.GEMMA3_270M_FILE}",
         "sha256": assets.GEMMA3_270M_SHA256,
     }
     return {
-        "llamacpp": {"git_url": f"{MIRROR_URL}/llama.cpp.git", "commit": mirror_commit},
+        "llamacpp": {"git_url": f"{mirror_url}/llama.cpp.git", "commit": mirror_commit},
         "llamacpp_build": {"cuda": False, "ccache_dir": HOST_CCACHE_DIR},
         "llama_models": {MODEL: {"role": "target", **model}, DRAFT: {"role": "drafter", **model}},
         "llama_instances": [
@@ -43,4 +43,7 @@ def local_fleet_hosts() -> list[tuple[str, dict[str, Any]]]:
     fleet = Fleet()
     if not fleet.hosts:
         raise FleetError("no local test fleet is up: run `gemma4-fleet fleet up 2` first")
-    return [(name, {**ssh, **demo_data(fleet.mirror_commit)}) for name, ssh in fleet.inventory()]
+    return [
+        (name, {**ssh, **demo_data(fleet.mirror_url, fleet.mirror_commit)})
+        for name, ssh in fleet.inventory()
+    ]
