@@ -53,10 +53,35 @@ def main(argv: list[str] | None = None) -> int:
         one = fleet_sub.add_parser(action, help=f"{action} one host")
         one.add_argument("name")
     fleet.set_defaults(func=_fleet)
+    plan = sub.add_parser(
+        "plan",
+        help="VRAM plan per host and GPU for an inventory (pairing, weights, KV, ctx); "
+        "touches no host",
+        description="Plan every host of a pyinfra inventory as the deploy would: drafter "
+        "pairing, then per GPU the weights, KV cache, compute buffers, CUDA overhead, other "
+        "tenants and headroom against the budget, and the ctx chosen for ctx_size auto. "
+        "Exit status 1 with every error when a host is refused.",
+    )
+    plan.add_argument("inventory", help="pyinfra inventory (file, host list or module)")
+    plan.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="only these hosts or groups (glob; repeat or comma-separate)",
+    )
+    plan.add_argument("--json", action="store_true", help="machine-readable output (bytes)")
+    plan.add_argument(
+        "--from-hosts",
+        action="store_true",
+        help="read each GPU's memory from the hosts' nvidia-smi (connects with pyinfra; "
+        "gpu_memory_mib in host data still wins)",
+    )
+    plan.set_defaults(func=_plan)
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
-    except FleetError as exc:
+    except (FleetError, ConfigError) as exc:
         print(f"gemma4-fleet: {exc}", file=sys.stderr)
         return 1
     return code

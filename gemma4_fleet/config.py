@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -270,6 +270,11 @@ def _field_path(loc: tuple[int | str, ...], raw: Mapping[str, Any]) -> str:
             continue
         path += f"[{part}]" if isinstance(part, int) else f".{part}"
     return path
+
+
+def host_data_of(data_get: Callable[[str], Any]) -> dict[str, Any]:
+    """Every host-data key `parse_host_config` reads, from a getter such as `host.data.get`."""
+    return {key: data_get(key) for key in ("llama_server", *HOST_DATA_KEYS.values())}
 
 
 def parse_host_config(host_name: str, data: Mapping[str, Any]) -> HostConfig:

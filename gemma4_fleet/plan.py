@@ -1,0 +1,618 @@
+"""VRAM plan per host and GPU from GGUF metadata, computed before any host is touched.
+
+For every llama-server instance of a host: the drafter pairing check, then, on its GPU,
+
+    weights (target + drafter, honouring gpu_layers / draft_gpu_layers) + KV cache
+    + compute buffers + CUDA context overhead + other tenants + headroom  <=  budget
+
+where the budget is ``gpu_memory_mib`` from host data (it wins when given) or the GPU's
+``memory.total`` from nvidia-smi (the ``NvidiaGpus`` fact), other tenants are the
+``vram_reserve_mib`` of ``gpu_services`` on that GPU plus the other llama-server instances there
+(each with its own CUDA context), and headroom is ``vram_headroom_mib``.  ``ctx_size: auto``
+picks the largest multiple of 256 tokens per slot that fits, capped at the target's
+n_ctx_train; a fixed ``ctx_size`` is checked.  Terms come from :mod:`gemma4_fleet.planner` (KV
+exact, compute and CUDA overhead calibrated); the target and the drafter each get their own
+cache types (``-ctk/-ctv`` and ``-ctkd/-ctvd``), the same n_ctx and slots.
+
+Rules worth knowing:
+
+* ``gpu_layers`` / ``draft_gpu_layers`` ``auto`` are planned as ``all`` (the upper bound);
+* at most one ``auto`` instance per GPU (two would have to split the leftover arbitrarily);
+* an instance without a GPU runs on the CPU (the unit hides every GPU from it): a fixed ctx is
+  only checked against n_ctx_train, and ``auto`` means ``min(n_ctx_train, CPU_AUTO_CTX)`` tokens
+  per slot (there is no VRAM to fill, and host RAM is not planned here);
+* nvidia-smi's ``memory.used`` is ignored: on a redeploy it counts the running servers.
+
+Every error is a :class:`~gemma4_fleet.config.ConfigError` whose lines read
+``host <name>: <host-data field>: <what>``; a refused fit carries the full breakdown in MiB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from gemma4_fleet.config import ConfigError, GpuService, HostConfig, Instance, ModelFile
+from gemma4_fleet.facts import Gpu
+from gemma4_fleet.gguf_meta import ModelMeta, ModelMetaError, read_meta, read_meta_url
+from gemma4_fleet.planner import (
+    CTX_PAD,
+    CUDA_OVERHEAD_BYTES,
+    MIB,
+    CacheOptions,
+    GpuLayers,
+    PairingError,
+    PlanError,
+    check_pairing,
+    kv_cache_bytes,
+    kv_cells,
+    plan_gpu,
+)
+from gemma4_fleet.testfleet.assets import cache_dir
+
+# Tokens per slot that ctx_size "auto" gets on an instance without a GPU (see the module doc).
+CPU_AUTO_CTX = 8192
+
+MetaFor = Callable[[ModelFile], ModelMeta]
+
+
+class PlanConfigError(ConfigError):
+    """One or more planning errors; each line starts `host <name>: <field>:`."""
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        self.errors = tuple(errors)
+        super().__init__("\n".join(self.errors))
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """Something else holding memory on the same GPU: a gpu_services unit or another instance."""
+
+    name: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class InstancePlan:
+    """One llama-server instance: its chosen ctx and, on a GPU, the memory terms in bytes.
+
+    On the CPU (``gpu`` None) ``weights`` and ``kv`` are host memory and there is no budget.
+    """
+
+    instance: str
+    gpu: str | None  # as configured: an index or a UUID; None = CPU
+    ctx_size: int | Literal["auto"]  # as configured
+    ctx: int  # what goes into --ctx-size
+    weights: int
+    kv: int
+    compute: int = 0
+    overhead: int = 0
+    tenants: tuple[Tenant, ...] = ()
+    headroom: int = 0
+    budget: int | None = None
+    budget_source: str | None = None  # "gpu_memory_mib.<key>" or "nvidia-smi"
+    gpu_uuid: str | None = None
+    gpu_name: str | None = None
+
+    @property
+    def tenants_bytes(self) -> int:
+        return sum(t.bytes for t in self.tenants)
+
+    @property
+    def used(self) -> int:
+        """Everything on the GPU, headroom included."""
+        parts = (self.weights, self.kv, self.compute, self.overhead, self.headroom)
+        return sum(parts) + self.tenants_bytes
+
+    @property
+    def free(self) -> int | None:
+        return None if self.budget is None else self.budget - self.used
+
+    @property
+    def fits(self) -> bool:
+        return self.free is None or self.free >= 0
+
+    def breakdown(self) -> str:
+        tenants = f"other tenants {_mib(self.tenants_bytes)}"
+        if self.tenants:
+            tenants += " (" + ", ".join(f"{t.name} {_mib(t.bytes)}" for t in self.tenants) + ")"
+        return (
+            f"ctx {self.ctx}: weights {_mib(self.weights)} + KV {_mib(self.kv)} + compute "
+            f"{_mib(self.compute)} + CUDA overhead {_mib(self.overhead)} + {tenants} + headroom "
+            f"{_mib(self.headroom)} = {_mib(self.used)}, budget {_mib(self.budget or 0)} "
+            f"({self.budget_source})"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "instance": self.instance,
+            "gpu": self.gpu,
+            "gpu_uuid": self.gpu_uuid,
+            "gpu_name": self.gpu_name,
+            "budget_source": self.budget_source,
+            "ctx_size": self.ctx_size,
+            "ctx": self.ctx,
+            "fits": self.fits,
+            "bytes": {
+                "budget": self.budget,
+                "weights": self.weights,
+                "kv": self.kv,
+                "compute": self.compute,
+                "overhead": self.overhead,
+                "tenants": self.tenants_bytes,
+                "headroom": self.headroom,
+                "free": self.free,
+            },
+            "tenants": [{"name": t.name, "bytes": t.bytes} for t in self.tenants],
+        }
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """The plan of one host: one row per instance, GPU instances grouped by GPU, CPU ones last."""
+
+    host: str
+    instances: tuple[InstancePlan, ...]
+    _by_name: dict[str, InstancePlan] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {row.instance: row for row in self.instances})
+
+    def ctx_for(self, instance_name: str) -> int:
+        """The --ctx-size of an instance (the configured one, or what "auto" chose)."""
+        try:
+            return self.of(instance_name).ctx
+        except KeyError:
+            raise ConfigError(
+                f"host {self.host}: no planned instance named {instance_name!r} "
+                f"(have: {', '.join(self._by_name)})"
+            ) from None
+
+    def of(self, instance_name: str) -> InstancePlan:
+        return self._by_name[instance_name]
+
+    @property
+    def fits(self) -> bool:
+        return all(row.fits for row in self.instances)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fits": self.fits, "instances": [row.to_json() for row in self.instances]}
+
+    def table(self) -> str:
+        """A compact table in MiB, then one line per GPU: what it is, budget source, tenants."""
+        head = ("instance", "GPU", "budget", "weights", "KV", "compute", "overhead", "tenants")
+        head += ("headroom", "free", "ctx", "fits")
+        rows: list[tuple[str, ...]] = [head]
+        notes: dict[str, str] = {}
+        for r in self.instances:
+            gpu = r.gpu is not None
+            ctx = f"{r.ctx} auto" if r.ctx_size == "auto" else str(r.ctx)
+            rows.append(
+                (
+                    r.instance,
+                    r.gpu if r.gpu is not None else "cpu",
+                    _num(r.budget),
+                    _num(r.weights),
+                    _num(r.kv),
+                    _num(r.compute if gpu else None),
+                    _num(r.overhead if gpu else None),
+                    _num(r.tenants_bytes if gpu else None),
+                    _num(r.headroom if gpu else None),
+                    _num(r.free),
+                    ctx,
+                    ("yes" if r.fits else "NO") if gpu else "-",
+                )
+            )
+            if r.gpu is not None and r.gpu not in notes:
+                what = ", ".join(x for x in (r.gpu_name, r.gpu_uuid) if x and x != r.gpu)
+                note = f"GPU {r.gpu}{f' ({what})' if what else ''}: budget from {r.budget_source}"
+                services = [t for t in r.tenants if not t.name.startswith("llama-server-")]
+                if services:
+                    note += "; reserved: " + ", ".join(
+                        f"{t.name} {_num(t.bytes)}" for t in services
+                    )
+                notes[r.gpu] = note
+        if any(r.gpu is None for r in self.instances):
+            notes["cpu"] = f"cpu: weights and KV in host RAM; auto ctx = {CPU_AUTO_CTX} per slot"
+        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+        lines = [f"host {self.host} (MiB)"]
+        for row in rows:
+            cells = [
+                cell.ljust(width) if i in (0, 1, 11) else cell.rjust(width)
+                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+            ]
+            lines.append("  " + "  ".join(cells).rstrip())
+        lines += [f"  {note}" for note in notes.values()]
+        return "\n".join(lines)
+
+
+def _mib(n: int) -> str:
+    return f"{n / MIB:.2f} MiB"
+
+
+def _num(n: int | None) -> str:
+    return "-" if n is None else str(round(n / MIB))
+
+
+# --- metadata ---------------------------------------------------------------------------------
+
+
+def meta_for_model(model: ModelFile) -> ModelMeta:
+    """Header metadata of a model: the local file, or by range requests (cached by sha256)."""
+    if model.local_path is not None:
+        return read_meta(Path(model.local_path))
+    if model.url is None:  # ModelFile guarantees one of the two
+        raise ModelMetaError("the model has neither url nor local_path")
+    return read_meta_url(model.url, sha256=model.sha256, cache_dir=cache_dir() / "gguf-meta")
+
+
+def _memoized(meta_for: MetaFor) -> MetaFor:
+    """meta_for reading each model once per fleet (errors included: a dead URL times out once)."""
+    seen: dict[tuple[str | None, str | None, str], ModelMeta | ModelMetaError] = {}
+
+    def cached(model: ModelFile) -> ModelMeta:
+        key = (model.url, model.local_path, model.sha256)
+        if key not in seen:
+            try:
+                seen[key] = meta_for(model)
+            except ModelMetaError as exc:
+                seen[key] = exc
+        found = seen[key]
+        if isinstance(found, ModelMetaError):
+            raise found
+        return found
+
+    return cached
+
+
+# --- planning ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Usage:
+    n_ctx: int
+    weights: int
+    kv: int
+    compute: int
+
+    @property
+    def total(self) -> int:
+        """This instance's own bytes on the GPU, CUDA context included."""
+        return self.weights + self.kv + self.compute + CUDA_OVERHEAD_BYTES
+
+
+@dataclass(frozen=True)
+class _Models:
+    target: ModelMeta
+    drafter: ModelMeta | None
+
+
+def _layers(value: int | str) -> GpuLayers:
+    return value if isinstance(value, int) else "all"  # "auto" planned as "all"
+
+
+def _caches(inst: Instance) -> tuple[CacheOptions, CacheOptions]:
+    """(target, drafter) cache options: explicit --parallel slots, never unified."""
+    flash = inst.flash_attn != "off"
+    return (
+        CacheOptions(inst.parallel, False, inst.cache_type_k, inst.cache_type_v, flash),
+        CacheOptions(inst.parallel, False, inst.cache_type_k_draft, inst.cache_type_v_draft, flash),
+    )
+
+
+def _usage(inst: Instance, models: _Models, n_ctx: int) -> _Usage:
+    """GPU bytes of target + drafter at n_ctx (each model with its own cache types and layers)."""
+    target_cache, draft_cache = _caches(inst)
+    target = plan_gpu(
+        models.target,
+        n_ctx=n_ctx,
+        cache=target_cache,
+        budget_mib=0,
+        gpu_layers=_layers(inst.gpu_layers),
+    )
+    weights, kv, compute = target.weights, target.kv, target.compute
+    if models.drafter is not None:
+        draft = plan_gpu(
+            models.drafter,
+            n_ctx=n_ctx,
+            cache=draft_cache,
+            budget_mib=0,
+            gpu_layers=_layers(inst.draft_gpu_layers),
+        )
+        weights, kv, compute = weights + draft.weights, kv + draft.kv, compute + draft.compute
+    return _Usage(target.n_ctx, weights, kv, compute)
+
+
+def _largest_fit(inst: Instance, models: _Models, available: int) -> _Usage | None:
+    """The largest ctx (a multiple of 256 per slot, at most n_ctx_train per slot) whose usage
+    is within `available` bytes; None when not even 256 per slot fits."""
+    step = CTX_PAD * inst.parallel
+    lo, hi = 1, models.target.context_length // CTX_PAD
+    if _usage(inst, models, step).total > available:
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _usage(inst, models, mid * step).total <= available:
+            lo = mid
+        else:
+            hi = mid - 1
+    return _usage(inst, models, lo * step)
+
+
+class _Host:
+    """Planning state of one host: errors are collected, not raised one by one."""
+
+    def __init__(self, name: str, config: HostConfig, gpus: list[Gpu]) -> None:
+        self.name = name
+        self.config = config
+        self.gpus = gpus
+        self.errors: list[str] = []
+
+    def error(self, field_path: str, message: str) -> None:
+        self.errors.append(f"host {self.name}: {field_path}: {message}")
+
+    def gpu(self, ref: str) -> Gpu | None:
+        return next((g for g in self.gpus if ref in (str(g.index), g.uuid)), None)
+
+    def gpu_key(self, ref: str) -> str:
+        """One key per physical GPU when nvidia-smi is known ("0" and its UUID are the same)."""
+        gpu = self.gpu(ref)
+        return gpu.uuid if gpu is not None else ref
+
+    def models(self, meta_for: MetaFor) -> dict[str, ModelMeta]:
+        metas = {}
+        for name, model in self.config.used_models().items():
+            source = "url" if model.local_path is None else "local_path"
+            try:
+                metas[name] = meta_for(model)
+            except ModelMetaError as exc:
+                self.error(f"llama_models.{name}.{source}", str(exc))
+        return metas
+
+    def pairing(self, inst: Instance, models: _Models) -> None:
+        if models.drafter is None or inst.drafter is None:
+            return
+        try:
+            check_pairing(models.target, models.drafter, inst.spec_type)
+        except PairingError as exc:
+            self.error(
+                f"llama_instances[{inst.name}].drafter",
+                f"{inst.drafter} cannot draft for {inst.target}: {exc}",
+            )
+
+    def check_train_ctx(self, inst: Instance, models: _Models) -> bool:
+        if inst.ctx_size == "auto":
+            if models.target.context_length < CTX_PAD:
+                self.error(
+                    f"llama_instances[{inst.name}].ctx_size",
+                    f"auto: n_ctx_train {models.target.context_length} of {inst.target} is "
+                    f"below {CTX_PAD}",
+                )
+                return False
+            return True
+        per_slot = kv_cells(inst.ctx_size, parallel=inst.parallel, unified=False)[1]
+        if per_slot > models.target.context_length:
+            self.error(
+                f"llama_instances[{inst.name}].ctx_size",
+                f"ctx {inst.ctx_size} gives {per_slot} tokens per slot (parallel "
+                f"{inst.parallel}), above n_ctx_train {models.target.context_length} of "
+                f"{inst.target} ({models.target.name})",
+            )
+            return False
+        return True
+
+    def cpu_row(self, inst: Instance, models: _Models) -> InstancePlan:
+        if inst.ctx_size == "auto":
+            per_slot = min(models.target.context_length, CPU_AUTO_CTX) // CTX_PAD * CTX_PAD
+            ctx = per_slot * inst.parallel
+        else:
+            ctx = inst.ctx_size
+        target_cache, draft_cache = _caches(inst)
+        weights = kv = 0
+        for meta, cache in ((models.target, target_cache), (models.drafter, draft_cache)):
+            if meta is None:
+                continue
+            weights += meta.total_tensor_bytes
+            kv += kv_cache_bytes(
+                meta,
+                n_ctx=ctx,
+                parallel=cache.parallel,
+                unified=False,
+                type_k=cache.type_k,
+                type_v=cache.type_v,
+                flash_attn=cache.flash_attn,
+            ).total
+        return InstancePlan(inst.name, None, inst.ctx_size, ctx, weights, kv)
+
+    def budget(self, inst: Instance, ref: str) -> tuple[int, str] | None:
+        gpu = self.gpu(ref)
+        if self.gpus and gpu is None:
+            have = ", ".join(f"{g.index} {g.uuid}" for g in self.gpus)
+            self.error(
+                f"llama_instances[{inst.name}].gpu",
+                f"no GPU {ref!r} on the host (nvidia-smi lists: {have})",
+            )
+            return None
+        keys = [ref] + ([str(gpu.index), gpu.uuid] if gpu is not None else [])
+        for key in keys:
+            if key in self.config.gpu_memory_mib:
+                return self.config.gpu_memory_mib[key], f"gpu_memory_mib.{key}"
+        if gpu is not None:
+            return gpu.memory_total_mib, "nvidia-smi"
+        self.error(
+            "gpu_memory_mib",
+            f"no VRAM budget for GPU {ref!r} (llama_instances[{inst.name}].gpu): set "
+            f'gpu_memory_mib: {{"{ref}": <MiB>}} or read it from the host\'s nvidia-smi '
+            "(gemma4-fleet plan --from-hosts)",
+        )
+        return None
+
+    def plan_gpu_group(
+        self, key: str, insts: list[Instance], models: Mapping[str, _Models]
+    ) -> list[InstancePlan]:
+        """Rows of every instance on one GPU; at most one error for the GPU's fit."""
+        ref = insts[0].gpu or key
+        found = self.budget(insts[0], ref)
+        if found is None:
+            return []
+        budget_mib, source = found
+        headroom = self.config.vram_headroom_mib * MIB
+        services = [
+            Tenant(svc.unit, svc.vram_reserve_mib * MIB)
+            for svc in self._services_on(key)
+            if svc.vram_reserve_mib
+        ]
+        autos = [inst for inst in insts if inst.ctx_size == "auto"]
+        for extra in autos[1:]:
+            self.error(
+                f"llama_instances[{extra.name}].ctx_size",
+                f"auto on GPU {ref}, which llama_instances[{autos[0].name}] also sizes with "
+                "auto; give all but one of them a fixed ctx_size",
+            )
+        if len(autos) > 1:
+            return []
+
+        usage: dict[str, _Usage] = {}
+        for inst in insts:
+            if isinstance(inst.ctx_size, int):
+                usage[inst.name] = _usage(inst, models[inst.name], inst.ctx_size)
+        fixed_total = sum(u.total for u in usage.values())
+        available = budget_mib * MIB - headroom - sum(t.bytes for t in services) - fixed_total
+        auto_failed = False
+        for inst in autos:
+            best = _largest_fit(inst, models[inst.name], available)
+            auto_failed = best is None
+            usage[inst.name] = best or _usage(inst, models[inst.name], CTX_PAD * inst.parallel)
+
+        gpu = self.gpu(ref)
+        rows = []
+        for inst in insts:
+            own = usage[inst.name]
+            others = [Tenant(o.unit, usage[o.name].total) for o in insts if o is not inst]
+            rows.append(
+                InstancePlan(
+                    instance=inst.name,
+                    gpu=inst.gpu,
+                    ctx_size=inst.ctx_size,
+                    ctx=own.n_ctx if inst.ctx_size == "auto" else inst.ctx_size,
+                    weights=own.weights,
+                    kv=own.kv,
+                    compute=own.compute,
+                    overhead=CUDA_OVERHEAD_BYTES,
+                    tenants=(*services, *others),
+                    headroom=headroom,
+                    budget=budget_mib * MIB,
+                    budget_source=source,
+                    gpu_uuid=gpu.uuid if gpu else None,
+                    gpu_name=gpu.name if gpu else None,
+                )
+            )
+        failing = next((r for r in rows if not r.fits), None)
+        if failing is not None:
+            if auto_failed:
+                failing = next(r for r in rows if r.ctx_size == "auto")
+            self.refuse(failing, insts, models, source)
+        return rows
+
+    def _services_on(self, key: str) -> list[GpuService]:
+        return [svc for svc in self.config.gpu_services if self.gpu_key(svc.gpu) == key]
+
+    def refuse(
+        self,
+        row: InstancePlan,
+        insts: list[Instance],
+        models: Mapping[str, _Models],
+        source: str,
+    ) -> None:
+        inst = next(i for i in insts if i.name == row.instance)
+        budget = row.budget or 0
+        left = budget - row.headroom - row.tenants_bytes - row.overhead
+        if row.weights > left:
+            where = source if source != "nvidia-smi" else f"llama_instances[{inst.name}].gpu"
+            self.error(
+                where,
+                f"GPU {row.gpu} budget {_mib(budget)} ({source}) is smaller than the weights of "
+                f"llama_instances[{inst.name}] ({inst.target}"
+                f"{f' + {inst.drafter}' if inst.drafter else ''}): {_mib(row.weights)} with "
+                f"only {_mib(left)} left after headroom, other tenants and CUDA overhead; "
+                f"{row.breakdown()}",
+            )
+            return
+        if row.ctx_size == "auto":
+            self.error(
+                f"llama_instances[{inst.name}].ctx_size",
+                f"auto: not even ctx {row.ctx} fits GPU {row.gpu}: {row.breakdown()}",
+            )
+            return
+        available = budget - row.headroom - row.tenants_bytes
+        best = _largest_fit(inst, models[inst.name], available)
+        hint = f"; the largest ctx that fits is {best.n_ctx}" if best is not None else ""
+        self.error(
+            f"llama_instances[{inst.name}].ctx_size",
+            f"ctx {row.ctx} does not fit GPU {row.gpu}: {row.breakdown()}{hint}",
+        )
+
+
+def plan_host(host_name: str, config: HostConfig, gpus: list[Gpu], meta_for: MetaFor) -> HostPlan:
+    """Pairing and VRAM plan of one host; raises PlanConfigError with every problem found.
+
+    `gpus`: the host's NvidiaGpus fact, or [] when budgets come from `gpu_memory_mib` only.
+    """
+    host = _Host(host_name, config, gpus)
+    metas = host.models(meta_for)
+    models: dict[str, _Models] = {}
+    for inst in config.instances:
+        if inst.target not in metas or (inst.drafter is not None and inst.drafter not in metas):
+            continue  # its model's error is already reported
+        pair = _Models(metas[inst.target], metas[inst.drafter] if inst.drafter else None)
+        host.pairing(inst, pair)
+        if host.check_train_ctx(inst, pair):
+            models[inst.name] = pair
+
+    rows: list[InstancePlan] = []
+    by_gpu: dict[str, list[Instance]] = {}
+    for inst in config.instances:
+        if inst.name not in models:
+            continue
+        if inst.gpu is None:
+            continue
+        by_gpu.setdefault(host.gpu_key(inst.gpu), []).append(inst)
+    for key, insts in by_gpu.items():
+        try:
+            rows += host.plan_gpu_group(key, insts, models)
+        except PlanError as exc:
+            names = ", ".join(f"llama_instances[{i.name}]" for i in insts)
+            host.error(names, str(exc))
+    for inst in config.instances:
+        if inst.name in models and inst.gpu is None:
+            try:
+                rows.append(host.cpu_row(inst, models[inst.name]))
+            except PlanError as exc:
+                host.error(f"llama_instances[{inst.name}]", str(exc))
+    if host.errors:
+        raise PlanConfigError(host.errors)
+    return HostPlan(host_name, tuple(rows))
+
+
+def plan_fleet(
+    configs: Mapping[str, HostConfig],
+    gpus_by_host: Mapping[str, list[Gpu]],
+    *,
+    meta_for: MetaFor = meta_for_model,
+) -> dict[str, HostPlan]:
+    """Plans of every host; one PlanConfigError listing every host's problems at once."""
+    read = _memoized(meta_for)
+    plans: dict[str, HostPlan] = {}
+    errors: list[str] = []
+    for name, config in configs.items():
+        try:
+            plans[name] = plan_host(name, config, gpus_by_host.get(name, []), read)
+        except PlanConfigError as exc:
+            errors += exc.errors
+        except ConfigError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise PlanConfigError(errors)
+    return plans

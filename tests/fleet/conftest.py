@@ -1,0 +1,102 @@
+"""Fleet tests: real systemd-nspawn hosts, real SSH, real pyinfra runs (root, Linux only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from gemma4_fleet.testfleet.hosts import Fleet
+
+ROOT = Path(__file__).resolve().parents[2]
+PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
+
+
+@dataclass
+class PyinfraRun:
+    returncode: int
+    output: str
+    # Operation name -> (success, error, no change) host counts, from pyinfra's Results table.
+    results: dict[str, tuple[int, int, int]]
+
+    def changed(self) -> dict[str, int]:
+        return {name: counts[0] for name, counts in self.results.items() if counts[0]}
+
+
+def _results(output: str) -> dict[str, tuple[int, int, int]]:
+    table: dict[str, tuple[int, int, int]] = {}
+    in_table = False
+    for line in output.splitlines():
+        if line.strip().startswith("Operation") and "No Change" in line:
+            in_table = True
+            continue
+        if in_table:
+            match = re.match(r"^\s+(.*?)\s{2,}(\d+)\s+(\d+|-)\s+(\d+|-)\s+(\d+|-)\s*$", line)
+            if not match:
+                break
+            counts = tuple(0 if v == "-" else int(v) for v in match.groups()[2:])
+            table[match.group(1)] = (counts[0], counts[1], counts[2])
+    return table
+
+
+def run_pyinfra(
+    deploy: str,
+    *args: str,
+    inventory: str = "inventories/local.py",
+    env: dict[str, str] | None = None,
+) -> PyinfraRun:
+    """`pyinfra -y` as a user runs it, from the repo root."""
+    result = subprocess.run(
+        [PYINFRA, "-y", *args, inventory, deploy],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=3000,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    return PyinfraRun(result.returncode, output, _results(output))
+
+
+def data_arg(key: str, value: Any) -> list[str]:
+    return ["--data", f"{key}={json.dumps(value)}"]
+
+
+@pytest.fixture(scope="session")
+def fleet() -> Iterator[Fleet]:
+    """The default fleet of two hosts that `inventories/local.py` deploys to."""
+    fleet = Fleet()
+    fleet.up(2)
+    try:
+        yield fleet
+    finally:
+        fleet.down()
+
+
+@pytest.fixture(scope="session")
+def deployed(fleet: Fleet) -> PyinfraRun:
+    """The full deploy, run once on fresh hosts (a CPU build: minutes).
+
+    `--parallel 1`: both hosts share this machine's two cores, so building one after the other
+    lets the second hit the shared ccache instead of competing for the same cores.
+    """
+    run = run_pyinfra("deploys/gemma4_mtp.py", "--parallel", "1")
+    assert run.returncode == 0, run.output[-4000:]
+    return run
+
+
+def http(fleet: Fleet, name: str, path: str, **kwargs: Any) -> requests.Response:
+    """A request to a host's llama-server over its veth (traffic stays on the fleet's netns)."""
+    address = fleet.hosts[name].address
+    method = "POST" if "json" in kwargs else "GET"
+    return requests.request(method, f"http://{address}:8080{path}", timeout=300, **kwargs)

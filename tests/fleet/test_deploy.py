@@ -1,0 +1,111 @@
+"""The full deploy on real hosts: CPU build from the git mirror, Gemma 3 270M as target + draft."""
+
+from __future__ import annotations
+
+import runpy
+from typing import Any
+
+import pytest
+
+from gemma4_fleet.testfleet.hosts import Fleet
+from tests.fleet.conftest import ROOT, PyinfraRun, data_arg, http, run_pyinfra
+
+pytestmark = pytest.mark.fleet
+UNIT = "llama-server-gemma3.service"
+RECIPE: dict[str, Any] = runpy.run_path(str(ROOT / "group_data" / "all.py"))["llama_server"]
+
+
+def unit_state(fleet: Fleet, name: str) -> dict[str, str]:
+    out = fleet.ssh(name, f"systemctl show -p ActiveState,InvocationID,MainPID,User {UNIT}").stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def mtimes(fleet: Fleet, name: str) -> str:
+    return fleet.ssh(
+        name,
+        "stat -c '%n %Y' /opt/llama.cpp/builds/*/bin/llama-server /var/lib/llama-models/*.gguf",
+    ).stdout
+
+
+def test_first_deploy_serves_with_speculative_decoding(fleet: Fleet, deployed: PyinfraRun) -> None:
+    short = fleet.mirror_commit[:7]
+    for name in fleet.hosts:
+        state = unit_state(fleet, name)
+        assert state["ActiveState"] == "active"
+        owner = fleet.ssh(name, f"ps -o user= -p {state['MainPID']}").stdout.strip()
+        assert owner == "llama"
+        assert http(fleet, name, "/health").json() == {"status": "ok"}
+        props = http(fleet, name, "/props").json()
+        assert props["build_info"].endswith(f"-{short}"), props["build_info"]
+        completion = http(
+            fleet,
+            name,
+            "/completion",
+            json={"prompt": "List three colors:", "n_predict": 48, "temperature": 0},
+        ).json()
+        assert completion["content"].strip()
+        assert completion["timings"]["draft_n_accepted"] > 0, completion["timings"]
+        version = fleet.ssh(name, "/opt/llama.cpp/builds/*/bin/llama-server --version 2>&1").stdout
+        assert f"commit {short}" in version
+
+
+def test_second_run_changes_nothing(fleet: Fleet, deployed: PyinfraRun) -> None:
+    before = {name: (mtimes(fleet, name), unit_state(fleet, name)) for name in fleet.hosts}
+    again = run_pyinfra("deploys/gemma4_mtp.py")
+    assert again.returncode == 0, again.output[-3000:]
+    assert again.results
+    assert again.changed() == {}, again.changed()
+    assert {name: (mtimes(fleet, name), unit_state(fleet, name)) for name in fleet.hosts} == before
+
+
+def test_a_server_flag_change_restarts_without_rebuild_or_download(
+    fleet: Fleet, deployed: PyinfraRun
+) -> None:
+    before = {name: (mtimes(fleet, name), unit_state(fleet, name)) for name in fleet.hosts}
+    run = run_pyinfra("deploys/gemma4_mtp.py", *data_arg("llama_server", {**RECIPE, "threads": 2}))
+    assert run.returncode == 0, run.output[-3000:]
+    changed = run.changed()
+    assert any(op.endswith(f"Unit {UNIT}") for op in changed), changed
+    assert any("restarted" in op for op in changed), changed
+    assert not any("Build" in op or "Model" in op or "source" in op for op in changed), changed
+    for name in fleet.hosts:
+        files_before, state_before = before[name]
+        assert mtimes(fleet, name) == files_before
+        assert unit_state(fleet, name)["InvocationID"] != state_before["InvocationID"]
+        exec_start = fleet.ssh(name, f"systemctl show -p ExecStart {UNIT}").stdout
+        assert "--threads 2" in exec_start
+        assert http(fleet, name, "/health").status_code == 200
+    back = run_pyinfra("deploys/gemma4_mtp.py")
+    assert back.returncode == 0, back.output[-3000:]
+
+
+def test_unknown_flag_fails_the_host_before_the_unit_is_written(
+    fleet: Fleet, deployed: PyinfraRun
+) -> None:
+    before = {
+        name: (
+            fleet.ssh(name, f"sha256sum /etc/systemd/system/{UNIT}").stdout,
+            unit_state(fleet, name),
+        )
+        for name in fleet.hosts
+    }
+    removed_flag = {**RECIPE, "extra_args": ["--draft-max", "4"]}
+    run = run_pyinfra("deploys/gemma4_mtp.py", *data_arg("llama_server", removed_flag))
+    assert run.returncode != 0
+    assert "does not know --draft-max" in run.output
+    for name in fleet.hosts:
+        unit_sum, state = before[name]
+        assert fleet.ssh(name, f"sha256sum /etc/systemd/system/{UNIT}").stdout == unit_sum
+        assert unit_state(fleet, name) == state
+
+
+def test_bad_config_is_refused_before_any_host_is_touched(
+    fleet: Fleet, deployed: PyinfraRun
+) -> None:
+    run = run_pyinfra(
+        "deploys/gemma4_mtp.py", *data_arg("llama_server", {**RECIPE, "cache_type_k": "q9_0"})
+    )
+    assert run.returncode != 0
+    for name in fleet.hosts:
+        assert f"host {name}: llama_instances[gemma3].cache_type_k" in run.output
+    assert "Starting operation" not in run.output
