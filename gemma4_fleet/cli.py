@@ -1,13 +1,138 @@
-"""The `gemma4-fleet` command: a local test fleet by hand, and (later) plans for an inventory."""
+"""The `gemma4-fleet` command: VRAM plans for an inventory, and a local test fleet by hand."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from fnmatch import fnmatch
+from typing import TYPE_CHECKING, Any
 
+from gemma4_fleet.config import ConfigError, HostConfig, host_data_of, parse_host_config
 from gemma4_fleet.testfleet.hosts import Fleet, FleetError
+
+if TYPE_CHECKING:
+    from gemma4_fleet.plan import HostPlan
+
+
+def _load_inventory(path: str) -> tuple[Any, Any]:
+    """(State, Inventory) loaded exactly as the pyinfra CLI does (group_data from the current
+    directory and the inventory's folder, host data precedence); nothing is connected."""
+    # pyinfra_cli monkey-patches the stdlib for gevent on import: only the plan command pays.
+    from pyinfra.api import State
+    from pyinfra.context import ctx_state
+    from pyinfra_cli.inventory import make_inventory
+
+    cwd = os.getcwd()
+    if cwd not in sys.path:  # as pyinfra's CLI: group data and inventories may import from cwd
+        sys.path.append(cwd)
+    state = State(check_for_changes=False)
+    state.cwd = cwd
+    try:
+        with ctx_state.use(state):
+            inventory = make_inventory(path, cwd=cwd)
+    except Exception as exc:  # user code in the inventory and group data runs here
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        raise ConfigError(f"inventory {path}: {message}") from exc
+    return state, inventory
+
+
+def _limit(inventory: Any, patterns: list[str]) -> list[Any]:
+    """Hosts of the inventory, limited like pyinfra's --limit (group names or host globs)."""
+    from pyinfra.api.exceptions import NoGroupError
+
+    hosts = list(inventory)
+    if not patterns:
+        return hosts
+    chosen: set[Any] = set()
+    for pattern in (p for arg in patterns for p in arg.split(",") if p):
+        try:
+            matched = list(inventory.get_group(pattern))
+        except NoGroupError:
+            matched = [h for h in hosts if fnmatch(h.name, pattern)]
+        if not matched:
+            raise ConfigError(f"--limit {pattern}: no host or group of that name")
+        chosen.update(matched)
+    return [h for h in hosts if h in chosen]
+
+
+def _uses_gpu(config: HostConfig) -> bool:
+    return any(inst.gpu is not None for inst in config.instances)
+
+
+def _read_gpus(state: Any, inventory: Any, hosts: list[Any]) -> tuple[dict[str, Any], list[str]]:
+    """The NvidiaGpus fact of each host (connecting with pyinfra), and per-host errors."""
+    from pyinfra.api import Config
+    from pyinfra.api.connect import disconnect_all
+    from pyinfra.api.exceptions import PyinfraError
+    from pyinfra.api.facts import get_fact
+    from pyinfra.context import ctx_host, ctx_state
+
+    from gemma4_fleet.facts import NvidiaGpus
+
+    state.init(inventory, Config(), initial_limit=hosts)
+    gpus: dict[str, Any] = {}
+    errors: list[str] = []
+    with ctx_state.use(state):
+        try:
+            for host in hosts:  # one by one: nothing here runs under pyinfra's gevent loop
+                try:
+                    host.connect(show_errors=False, raise_exceptions=True)
+                    state.activate_host(host)
+                    with ctx_host.use(host):
+                        found = get_fact(state, host, NvidiaGpus, apply_failed_hosts=False)
+                except (PyinfraError, OSError) as exc:
+                    errors.append(f"host {host.name}: nvidia-smi: cannot read it: {exc}")
+                    continue
+                if not found:
+                    errors.append(
+                        f"host {host.name}: nvidia-smi: no NVIDIA GPU found (or no nvidia-smi); "
+                        "set gpu_memory_mib and plan without --from-hosts, or fix the driver"
+                    )
+                    continue
+                gpus[host.name] = found
+        finally:
+            disconnect_all(state)
+    return gpus, errors
+
+
+def _plan(args: argparse.Namespace) -> int:
+    state, inventory = _load_inventory(args.inventory)
+    hosts = _limit(inventory, args.limit)
+    if not hosts:
+        raise ConfigError(f"inventory {args.inventory}: no hosts")
+    configs: dict[str, HostConfig] = {}
+    errors: list[str] = []
+    for host in hosts:
+        try:
+            configs[host.name] = parse_host_config(host.name, host_data_of(host.data.get))
+        except ConfigError as exc:
+            errors.append(str(exc))
+    gpus: dict[str, Any] = {}
+    if args.from_hosts:
+        wanted = [h for h in hosts if h.name in configs and _uses_gpu(configs[h.name])]
+        gpus, gpu_errors = _read_gpus(state, inventory, wanted)
+        errors += gpu_errors
+        configs = {n: c for n, c in configs.items() if n in gpus or not _uses_gpu(c)}
+
+    from gemma4_fleet.plan import PlanConfigError, plan_fleet
+
+    plans: dict[str, HostPlan] = {}
+    try:
+        plans = plan_fleet(configs, gpus)
+    except PlanConfigError as exc:
+        errors += exc.errors
+    if errors:
+        if args.json:
+            print(json.dumps({"errors": errors}, indent=2))
+        raise ConfigError("\n".join(errors))
+    if args.json:
+        print(json.dumps({"hosts": {n: p.to_json() for n, p in plans.items()}}, indent=2))
+    else:
+        print("\n\n".join(plan.table() for plan in plans.values()))
+    return 0
 
 
 def _fleet(args: argparse.Namespace) -> int:

@@ -65,6 +65,46 @@ def server_argv(config: HostConfig, inst: Instance, ctx_size: int | None = None)
     return argv + list(inst.extra_args)
 
 
+SMOKE_SCRIPT = "/usr/local/lib/gemma4-fleet/smoke_check.py"
+SMOKE_STATE_DIR = "gemma4-fleet-smoke"  # under /var/lib: JSON reports and .prom textfiles
+
+
+def smoke_report(inst: Instance, suffix: str) -> str:
+    return f"/var/lib/{SMOKE_STATE_DIR}/{inst.name}.{suffix}"
+
+
+def smoke_argv(config: HostConfig, inst: Instance) -> list[str]:
+    """The smoke check of one instance: the same command after a deploy and from its timer."""
+    host = "127.0.0.1" if inst.host in ("0.0.0.0", "::") else inst.host
+    argv = [
+        "/usr/bin/python3",
+        SMOKE_SCRIPT,
+        "--url",
+        f"http://{host}:{inst.port}",
+        "--instance",
+        inst.name,
+        "--unit",
+        inst.unit,
+        "--expect-commit",
+        config.llamacpp.commit,
+        "--expect-model",
+        config.model_path(inst.target),
+        "--n-predict",
+        str(config.smoke.n_predict),
+        "--json",
+        smoke_report(inst, "json"),
+        "--prom",
+        smoke_report(inst, "prom"),
+    ]
+    if inst.gpu is not None:
+        argv.append("--gpu")
+    if config.smoke.min_tps is not None:
+        argv += ["--min-tps", f"{config.smoke.min_tps:g}"]
+    if config.smoke.min_acceptance is not None:
+        argv += ["--min-acceptance", f"{config.smoke.min_acceptance:g}"]
+    return argv
+
+
 def flags_of(argv: list[str]) -> list[str]:
     """The option names in an argv (what the built binary's --help must know)."""
     return [arg.split("=", 1)[0] for arg in argv[1:] if re.match(r"^--?[A-Za-z]", arg)]

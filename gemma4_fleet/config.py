@@ -128,6 +128,10 @@ class Instance(ServerSettings):
     def unit(self) -> str:
         return f"llama-server-{self.name}.service"
 
+    @property
+    def smoke_unit(self) -> str:
+        return f"llama-smoke-{self.name}.service"
+
     @model_validator(mode="after")
     def _recipe_rules(self) -> Instance:
         if self.spec_type != "none" and self.drafter is None:
@@ -219,7 +223,10 @@ class HostConfig(_Model):
         return self
 
     def model_path(self, name: str) -> str:
-        return f"{self.models_dir}/{self.models[name].file}"
+        """Models live under their checksum: a new version never overwrites the file a running
+        (or last-known-good) unit uses, and a changed path restarts the unit."""
+        model = self.models[name]
+        return f"{self.models_dir}/{model.sha256[:16]}/{model.file}"
 
     def used_models(self) -> dict[str, ModelFile]:
         used = {ref for inst in self.instances for ref in (inst.target, inst.drafter) if ref}

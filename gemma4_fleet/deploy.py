@@ -2,21 +2,41 @@
 
 from __future__ import annotations
 
+import json
+import os
+import time
 import weakref
 from importlib.resources import files as package_files
+from pathlib import Path
+from typing import Any
 
 from pyinfra import host, state
 from pyinfra.api import OperationError, State, deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.server import Groups
-from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations import apt, files, python, server, systemd
 from pyinfra.operations.util import any_changed
 
 from gemma4_fleet import operations as g4f
-from gemma4_fleet.command_line import exec_start, flags_of, server_argv
-from gemma4_fleet.config import ConfigError, HostConfig, Instance, parse_host_config
+from gemma4_fleet.command_line import (
+    SMOKE_SCRIPT,
+    SMOKE_STATE_DIR,
+    exec_start,
+    flags_of,
+    server_argv,
+    smoke_argv,
+    smoke_report,
+)
+from gemma4_fleet.config import (
+    ConfigError,
+    HostConfig,
+    Instance,
+    host_data_of,
+    parse_host_config,
+)
 from gemma4_fleet.facts import CudaToolkit, Gpu, LlamaCppBuildInfo, NvidiaGpus, SystemdVersion
+from gemma4_fleet.plan import HostPlan, plan_fleet
 
 BUILD_PACKAGES = [
     "cmake",
@@ -32,7 +52,9 @@ BUILD_PACKAGES = [
 ]
 CUDA_TOOLKIT_PACKAGES = ["nvidia-cuda-toolkit"]
 HEALTH_TIMEOUT_S = 900  # the drafter adds load time; a 12B pair from cold disk takes minutes
-_configs: weakref.WeakKeyDictionary[State, dict[str, HostConfig]] = weakref.WeakKeyDictionary()
+_configs: weakref.WeakKeyDictionary[State, dict[str, tuple[HostConfig, HostPlan]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class FleetConfigError(ConfigError, OperationError):
@@ -43,34 +65,34 @@ def template(name: str) -> str:
     return str(package_files("gemma4_fleet") / "templates" / name)
 
 
-def fleet_configs() -> dict[str, HostConfig]:
-    """Validated configuration of every host in this run, computed once (first host to ask)."""
+def fleet_configs() -> dict[str, tuple[HostConfig, HostPlan]]:
+    """Validated configuration and VRAM plan of every host in this run, computed once.
+
+    The first host to ask validates them all, so one bad host stops the run before any
+    operation; every host's errors are reported together, each naming host and field.
+    """
     if state not in _configs:
         configs, errors = {}, []
         for each in state.inventory.get_active_hosts():
-            data = {
-                key: each.data.get(key)
-                for key in (
-                    "llamacpp",
-                    "llamacpp_build",
-                    "llama_models",
-                    "llama_server",
-                    "llama_instances",
-                    "llama_models_dir",
-                    "llama_service_user",
-                )
-            }
             try:
-                configs[each.name] = parse_host_config(each.name, data)
+                configs[each.name] = parse_host_config(each.name, host_data_of(each.data.get))
             except ConfigError as exc:
                 errors.append(str(exc))
         if errors:
             raise FleetConfigError("\n".join(errors))
-        _configs[state] = configs
+        gpus = {
+            name: state.inventory.get_host(name).get_fact(NvidiaGpus) if config.build.cuda else []
+            for name, config in configs.items()
+        }
+        try:
+            plans = plan_fleet(configs, gpus)
+        except ConfigError as exc:
+            raise FleetConfigError(str(exc)) from None
+        _configs[state] = {name: (configs[name], plans[name]) for name in configs}
     return _configs[state]
 
 
-def host_config() -> HostConfig:
+def host_config() -> tuple[HostConfig, HostPlan]:
     return fleet_configs()[host.name]
 
 
@@ -152,10 +174,10 @@ def llama_cpp(config: HostConfig) -> OperationMeta:
 def models(config: HostConfig) -> list[OperationMeta]:
     """Place every model this host's instances use, sha256-verified."""
     files.directory(name="Models directory", path=config.models_dir, mode="755")
-    by_file = {model.file: model for model in config.used_models().values()}
+    by_path = {config.model_path(name): model for name, model in config.used_models().items()}
     return [
-        g4f.model_file(name=f"Model {file}", dest=f"{config.models_dir}/{file}", model=model)
-        for file, model in by_file.items()
+        g4f.model_file(name=f"Model {model.file}", dest=path, model=model)
+        for path, model in by_path.items()
     ]
 
 
@@ -170,14 +192,21 @@ def gpu_uuid(inst: Instance, gpus: list[Gpu]) -> str | None:
 
 
 @deploy("llama-server units")
-def servers(config: HostConfig, changed: list[OperationMeta]) -> None:
-    """Render, check and (re)start one unit per instance; restart only on a change.
+def servers(
+    config: HostConfig, plan: HostPlan, changed: list[OperationMeta]
+) -> list[OperationMeta]:
+    """Render, check and (re)start one unit per instance; restart only on a change; verify.
 
+    A (re)started instance must answer /health and pass its smoke check, else its
+    last-known-good unit is restored and the host fails. Returns what may have changed.
+
+    + plan: the host's VRAM plan (the context size each instance gets)
     + changed: build/model operations whose change must restart every instance
     """
     gpus = host.get_fact(NvidiaGpus) if config.build.cuda else []
     groups = [g for g in ("video", "render") if g in host.get_fact(Groups)]
     backoff = host.get_fact(SystemdVersion) >= 254
+    render = {"jinja_env_kwargs": {"trim_blocks": True, "lstrip_blocks": True}, "mode": "644"}
     server.group(name="Service group", group=config.service_user, system=True)
     server.user(
         name="Service user",
@@ -188,6 +217,13 @@ def servers(config: HostConfig, changed: list[OperationMeta]) -> None:
         shell="/usr/sbin/nologin",
         create_home=False,
     )
+    script = files.put(
+        name="Smoke check script",
+        src=str(package_files("gemma4_fleet") / "smoke_check.py"),
+        dest=SMOKE_SCRIPT,
+        mode="755",
+    )
+    results = [script]
     for inst in config.instances:
         uuid = gpu_uuid(inst, gpus)
         if uuid == "":
@@ -199,7 +235,7 @@ def servers(config: HostConfig, changed: list[OperationMeta]) -> None:
                 ),
             )
             continue
-        argv = server_argv(config, inst)
+        argv = server_argv(config, inst, ctx_size=plan.ctx_for(inst.name))
         g4f.flags_known(
             name=f"{inst.unit}: flags known to the build",
             binary=config.server_binary,
@@ -209,8 +245,6 @@ def servers(config: HostConfig, changed: list[OperationMeta]) -> None:
             name=f"Unit {inst.unit}",
             src=template("llama-server.service.j2"),
             dest=f"/etc/systemd/system/{inst.unit}",
-            mode="644",
-            jinja_env_kwargs={"trim_blocks": True, "lstrip_blocks": True},
             instance=inst,
             exec_start=exec_start(argv),
             service_user=config.service_user,
@@ -218,34 +252,136 @@ def servers(config: HostConfig, changed: list[OperationMeta]) -> None:
             groups=groups,
             restart_backoff=backoff,
             models_dir=config.models_dir,
+            **render,
         )
-        systemd.daemon_reload(name="systemd daemon-reload", _if=unit.did_change)
+        smoke = smoke_units(config, inst, render)
+        systemd.daemon_reload(name="systemd daemon-reload", _if=any_changed(unit, *smoke))
+        if smoke:
+            timer = inst.smoke_unit.removesuffix(".service") + ".timer"
+            systemd.service(name=f"{timer} enabled", service=timer, running=True, enabled=True)
+        # Errors here are judged (and rolled back) by the verification below.
         started = systemd.service(
-            name=f"{inst.unit} enabled and running", service=inst.unit, running=True, enabled=True
+            name=f"{inst.unit} enabled and running",
+            service=inst.unit,
+            running=True,
+            enabled=True,
+            _ignore_errors=True,
         )
         restarted = systemd.service(
             name=f"{inst.unit} restarted (unit, build or model changed)",
             service=inst.unit,
             restarted=True,
+            _ignore_errors=True,
             _if=lambda started=started, unit=unit: (
                 any_changed(unit, *changed)() and not started.did_change()
             ),
         )
         health = "127.0.0.1" if inst.host in ("0.0.0.0", "::") else inst.host
-        g4f.wait_http_ok(
-            name=f"{inst.unit} /health 200",
-            url=f"http://{health}:{inst.port}/health",
-            timeout=HEALTH_TIMEOUT_S,
+        verified = g4f.verify_or_roll_back(
+            name=f"{inst.unit} healthy and smoke check passed",
             unit=inst.unit,
-            _if=any_changed(started, restarted),
+            health_url=f"http://{health}:{inst.port}/health",
+            timeout=HEALTH_TIMEOUT_S,
+            smoke_unit=inst.smoke_unit if smoke else None,
+            report=smoke_report(inst, "json"),
+            # After a (failed) start or restart, or when the smoke check itself changed.
+            _if=lambda started=started, restarted=restarted, smoke=smoke: (
+                any(op.did_change() or op.did_error() for op in (started, restarted))
+                or any_changed(*smoke)()
+            ),
         )
+        if smoke:
+            files.get(
+                name=f"{inst.name} smoke report to the controller",
+                src=smoke_report(inst, "json"),
+                dest=str(report_dir() / host.name / f"{inst.name}.json"),
+                create_local_dir=True,
+                _if=verified.did_change,
+            )
+        results += [unit, *smoke, started, restarted, verified]
+    return results
+
+
+def smoke_units(config: HostConfig, inst: Instance, render: dict[str, Any]) -> list[OperationMeta]:
+    """The oneshot smoke-check service and its timer (the same check the deploy runs)."""
+    if not config.smoke.enabled:
+        return []
+    timer = inst.smoke_unit.removesuffix(".service") + ".timer"
+    service = files.template(
+        name=f"Unit {inst.smoke_unit}",
+        src=template("llama-smoke.service.j2"),
+        dest=f"/etc/systemd/system/{inst.smoke_unit}",
+        instance=inst,
+        exec_start=exec_start(smoke_argv(config, inst)),
+        state_dir=SMOKE_STATE_DIR,
+        gpu=inst.gpu is not None,
+        **render,
+    )
+    timer_file = files.template(
+        name=f"Unit {timer}",
+        src=template("llama-smoke.timer.j2"),
+        dest=f"/etc/systemd/system/{timer}",
+        instance=inst,
+        smoke=config.smoke,
+        smoke_unit=inst.smoke_unit,
+        **render,
+    )
+    return [service, timer_file]
+
+
+def report_dir() -> Path:
+    """Where the controller collects smoke reports: ./out/smoke, or G4F_REPORT_DIR."""
+    return Path(os.environ.get("G4F_REPORT_DIR", "out/smoke")).absolute()
 
 
 @deploy("Gemma 4 + MTP llama-server")
 def gemma4_mtp() -> None:
     """The whole job for one host: toolchain, build, models, units (config validated first)."""
-    config = host_config()
+    config, plan = host_config()
     toolchain(config)
     build = llama_cpp(config)
     placed = models(config)
-    servers(config, changed=[build, *placed])
+    changed = servers(config, plan, changed=[build, *placed])
+    g4f.prune(
+        name="Unused builds and model versions",
+        install_root=config.build.install_root,
+        models_dir=config.models_dir,
+        _if=any_changed(build, *placed, *changed),
+    )
+    since = time.time()
+    python.call(
+        name="Fleet smoke table",
+        function=print_fleet_table,
+        since=since,
+        _run_once=True,
+        _if=lambda: bool(collected_reports(since)),
+    )
+
+
+def collected_reports(since: float) -> list[Path]:
+    """Smoke reports fetched to the controller by this run (hosts whose instances restarted)."""
+    return [p for p in sorted(report_dir().glob("*/*.json")) if p.stat().st_mtime >= since]
+
+
+def print_fleet_table(since: float) -> None:
+    """One line per host/instance from the smoke reports this run collected."""
+    rows = []
+    for path in collected_reports(since):
+        r = json.loads(path.read_text())
+        tps = (r.get("tokens_per_second") or {}).get("median")
+        acceptance = r.get("acceptance")
+        rows.append(
+            (
+                path.parent.name,
+                r.get("instance", path.stem),
+                "-" if tps is None else f"{tps:.1f}",
+                "-" if acceptance is None else f"{acceptance:.2f}",
+                r.get("build_info") or "-",
+                r.get("status", "?"),
+            )
+        )
+    header = ("host", "instance", "tok/s", "acceptance", "build", "status")
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    print("--> Fleet smoke table")
+    for row in [header, *rows]:
+        print("    " + "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)))

@@ -199,25 +199,70 @@ def _upload(local_path: str, remote_path: str) -> Commands:
     yield FileUploadCommand(local_path, remote_path)
 
 
-@operation(is_idempotent=False)
-def wait_http_ok(url: str, timeout: int, unit: str) -> Commands:
-    """Wait until `url` answers 200 (503 "Loading model" is waited out); fail with the journal.
+LKG_DIR = "/var/lib/gemma4-fleet/last-known-good"
 
-    + url: e.g. http://127.0.0.1:8080/health
-    + timeout: seconds
-    + unit: the systemd unit whose journal tail is shown on failure
+
+@operation(is_idempotent=False)
+def verify_or_roll_back(
+    unit: str, health_url: str, timeout: int, smoke_unit: str | None, report: str
+) -> Commands:
+    """Accept a (re)started unit, or restore its last-known-good unit and fail the host.
+
+    Accepted when /health answers 200 within `timeout` (503 "Loading model" is waited out) and
+    the smoke check passes (or is skipped because a user holds the slot); the unit file then
+    becomes the last-known-good. Otherwise the last-known-good unit (whose binary and models
+    are kept on disk) is put back and restarted, and the host fails with the reason.
+
+    + unit: the llama-server unit
+    + health_url: e.g. http://127.0.0.1:8080/health
+    + timeout: seconds to wait for health
+    + smoke_unit: the oneshot smoke-check unit, or None to skip the smoke check
+    + report: the smoke check's JSON report on the host
     """
     yield _script(
-        "end=$(( $(date +%s) + $timeout )); "
-        'while [ "$(date +%s)" -lt "$end" ]; do '
-        'if curl -fsS -o /dev/null "$url" 2>/dev/null; then exit 0; fi; '
+        'live="/etc/systemd/system/$unit"; saved="$lkg/$unit"; '
+        'healthy() { end=$(( $(date +%s) + $1 )); while [ "$(date +%s)" -lt "$end" ]; do '
+        'curl -fsS -o /dev/null "$url" 2>/dev/null && return 0; '
         # A unit that exited (or is cycling through restarts) will not come up: stop waiting.
-        'case "$(systemctl show -p ActiveState --value "$unit")" in failed|inactive) break;; esac; '
-        '[ "$(systemctl show -p NRestarts --value "$unit")" = 0 ] || break; '
-        "sleep 1; done; "
-        'echo "$url did not answer 200 within $timeout s; $unit is '
-        '$(systemctl is-active "$unit")" >&2; journalctl -u "$unit" -n 25 --no-pager >&2; exit 1',
-        url=url,
-        timeout=str(timeout),
+        'case "$(systemctl show -p ActiveState --value "$unit")" in failed|inactive) return 1;; '
+        'esac; [ "$(systemctl show -p NRestarts --value "$unit")" = 0 ] || return 1; '
+        "sleep 1; done; return 1; }; "
+        'reject() { journalctl -u "$unit" -n 15 --no-pager >&2 || true; '
+        'if [ -f "$saved" ] && ! cmp -s "$saved" "$live"; then '
+        'cp "$saved" "$live"; systemctl daemon-reload; systemctl restart "$unit" || true; '
+        'if healthy 60; then back="rolled back to last-known-good, serving again"; '
+        'else back="rolled back to last-known-good, but it is not healthy either"; fi; '
+        'else back="no last-known-good to roll back to"; fi; '
+        'echo "$unit: $1; $back" >&2; exit 1; }; '
+        'healthy "$timeout" || reject "no /health 200 within $timeout s '
+        '($(systemctl is-active "$unit"))"; '
+        'if [ -n "$smoke" ] && ! systemctl start "$smoke"; then '
+        "why=$(python3 -c 'import json, sys; "
+        'print("; ".join(json.load(open(sys.argv[1]))["reasons"]))\' "$report" 2>&1); '
+        'reject "smoke check failed: $why"; fi; '
+        'mkdir -p "$lkg"; cp "$live" "$saved"',
         unit=unit,
+        url=health_url,
+        timeout=str(timeout),
+        smoke=smoke_unit or "",
+        report=report,
+        lkg=LKG_DIR,
+    )
+
+
+@operation()
+def prune(install_root: str, models_dir: str) -> Commands:
+    """Delete builds and model versions that no unit, live or last-known-good, refers to.
+
+    + install_root: holds builds/<id>
+    + models_dir: holds <sha256 prefix>/<file>
+    """
+    yield _script(
+        'units="$(cat /etc/systemd/system/llama-server-*.service "$lkg"/*.service 2>/dev/null)"; '
+        'for dir in "$root"/builds/*/ "$models"/*/; do [ -d "$dir" ] || continue; '
+        'dir="${dir%/}"; case "$units" in *"$dir/"*) ;; *) rm -rf "$dir"; '
+        'echo "removed $dir";; esac; done',
+        root=install_root,
+        models=models_dir,
+        lkg=LKG_DIR,
     )

@@ -70,8 +70,9 @@ class PlanConfigError(ConfigError):
 class Tenant:
     """Something else holding memory on the same GPU: a gpu_services unit or another instance."""
 
-    name: str
+    name: str  # the systemd unit
     bytes: int
+    kind: Literal["service", "instance"] = "service"
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,16 @@ class InstancePlan:
     headroom: int = 0
     budget: int | None = None
     budget_source: str | None = None  # "gpu_memory_mib.<key>" or "nvidia-smi"
+    gpu_index: int | None = None  # from nvidia-smi
     gpu_uuid: str | None = None
     gpu_name: str | None = None
+
+    @property
+    def gpu_label(self) -> str:
+        """The GPU as the table shows it: its index when nvidia-smi told, else as configured."""
+        if self.gpu is None:
+            return "cpu"
+        return str(self.gpu_index) if self.gpu_index is not None else self.gpu
 
     @property
     def tenants_bytes(self) -> int:
@@ -129,6 +138,7 @@ class InstancePlan:
         return {
             "instance": self.instance,
             "gpu": self.gpu,
+            "gpu_index": self.gpu_index,
             "gpu_uuid": self.gpu_uuid,
             "gpu_name": self.gpu_name,
             "budget_source": self.budget_source,
@@ -145,7 +155,7 @@ class InstancePlan:
                 "headroom": self.headroom,
                 "free": self.free,
             },
-            "tenants": [{"name": t.name, "bytes": t.bytes} for t in self.tenants],
+            "tenants": [{"name": t.name, "kind": t.kind, "bytes": t.bytes} for t in self.tenants],
         }
 
 
@@ -182,8 +192,8 @@ class HostPlan:
 
     def table(self) -> str:
         """A compact table in MiB, then one line per GPU: what it is, budget source, tenants."""
-        head = ("instance", "GPU", "budget", "weights", "KV", "compute", "overhead", "tenants")
-        head += ("headroom", "free", "ctx", "fits")
+        head: tuple[str, ...] = ("instance", "GPU", "budget", "weights", "KV", "compute")
+        head += ("overhead", "tenants", "headroom", "free", "ctx", "fits")
         rows: list[tuple[str, ...]] = [head]
         notes: dict[str, str] = {}
         for r in self.instances:
@@ -192,7 +202,7 @@ class HostPlan:
             rows.append(
                 (
                     r.instance,
-                    r.gpu if r.gpu is not None else "cpu",
+                    r.gpu_label,
                     _num(r.budget),
                     _num(r.weights),
                     _num(r.kv),
@@ -205,15 +215,16 @@ class HostPlan:
                     ("yes" if r.fits else "NO") if gpu else "-",
                 )
             )
-            if r.gpu is not None and r.gpu not in notes:
-                what = ", ".join(x for x in (r.gpu_name, r.gpu_uuid) if x and x != r.gpu)
-                note = f"GPU {r.gpu}{f' ({what})' if what else ''}: budget from {r.budget_source}"
-                services = [t for t in r.tenants if not t.name.startswith("llama-server-")]
+            if r.gpu is not None and r.gpu_label not in notes:
+                what = ", ".join(x for x in (r.gpu_name, r.gpu_uuid) if x and x != r.gpu_label)
+                note = f"GPU {r.gpu_label}{f' ({what})' if what else ''}: budget from "
+                note += str(r.budget_source)
+                services = [t for t in r.tenants if t.kind == "service"]
                 if services:
                     note += "; reserved: " + ", ".join(
                         f"{t.name} {_num(t.bytes)}" for t in services
                     )
-                notes[r.gpu] = note
+                notes[r.gpu_label] = note
         if any(r.gpu is None for r in self.instances):
             notes["cpu"] = f"cpu: weights and KV in host RAM; auto ctx = {CPU_AUTO_CTX} per slot"
         widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
@@ -490,7 +501,9 @@ class _Host:
         rows = []
         for inst in insts:
             own = usage[inst.name]
-            others = [Tenant(o.unit, usage[o.name].total) for o in insts if o is not inst]
+            others = [
+                Tenant(o.unit, usage[o.name].total, "instance") for o in insts if o is not inst
+            ]
             rows.append(
                 InstancePlan(
                     instance=inst.name,
@@ -505,6 +518,7 @@ class _Host:
                     headroom=headroom,
                     budget=budget_mib * MIB,
                     budget_source=source,
+                    gpu_index=gpu.index if gpu else None,
                     gpu_uuid=gpu.uuid if gpu else None,
                     gpu_name=gpu.name if gpu else None,
                 )
@@ -531,13 +545,12 @@ class _Host:
         left = budget - row.headroom - row.tenants_bytes - row.overhead
         if row.weights > left:
             where = source if source != "nvidia-smi" else f"llama_instances[{inst.name}].gpu"
+            models_used = inst.target + (f" + {inst.drafter}" if inst.drafter else "")
             self.error(
                 where,
-                f"GPU {row.gpu} budget {_mib(budget)} ({source}) is smaller than the weights of "
-                f"llama_instances[{inst.name}] ({inst.target}"
-                f"{f' + {inst.drafter}' if inst.drafter else ''}): {_mib(row.weights)} with "
-                f"only {_mib(left)} left after headroom, other tenants and CUDA overhead; "
-                f"{row.breakdown()}",
+                f"GPU {row.gpu} budget {_mib(budget)} leaves {_mib(left)} for the weights of "
+                f"llama_instances[{inst.name}] after headroom, other tenants and CUDA overhead; "
+                f"the weights ({models_used}) need {_mib(row.weights)}: {row.breakdown()}",
             )
             return
         if row.ctx_size == "auto":

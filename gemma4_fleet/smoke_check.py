@@ -944,6 +944,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expect-model", required=True, help="expected /props model_path")
     p.add_argument("--gpu", action="store_true", help="require GPU residency of --pid")
     p.add_argument("--pid", type=_positive_int, help="llama-server PID (systemd MainPID)")
+    p.add_argument("--unit", help="systemd unit of the server: its MainPID is used as --pid")
     p.add_argument("--gpu-min-mib", type=_positive_int, default=DEFAULT_GPU_MIN_MIB)
     p.add_argument("--api-key-file", help="file holding the server's API key")
     p.add_argument("--min-tps", type=_positive_float, help="minimum median tokens/s")
@@ -957,6 +958,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def unit_main_pid(unit: str) -> int | None:
+    """MainPID of a systemd unit, None when it has none (not running) or systemctl is missing."""
+    try:
+        out = subprocess.run(
+            ["systemctl", "show", "-p", "MainPID", "--value", unit],
+            capture_output=True,
+            text=True,
+            timeout=15,
+            check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return int(out) if out.isdigit() and int(out) > 0 else None
+
+
 def config_from_args(ns: argparse.Namespace) -> Config:
     """Validate parsed arguments; raises _UsageError."""
     parsed = urllib.parse.urlsplit(ns.url)
@@ -964,8 +980,10 @@ def config_from_args(ns: argparse.Namespace) -> Config:
         raise _UsageError(f"--url must be http(s)://host:port, got {ns.url!r}")
     if not is_commit_sha(ns.expect_commit):
         raise _UsageError(f"--expect-commit must be 7-40 hex digits, got {ns.expect_commit!r}")
+    if ns.unit and ns.pid is None:
+        ns.pid = unit_main_pid(ns.unit)
     if ns.gpu and ns.pid is None:
-        raise _UsageError("--gpu needs --pid")
+        raise _UsageError("--gpu needs --pid (or --unit of a running server)")
     if ns.min_acceptance is not None and not 0 <= ns.min_acceptance <= 1:
         raise _UsageError("--min-acceptance must be within 0..1")
     if ns.busy_wait < 0:

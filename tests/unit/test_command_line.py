@@ -16,7 +16,7 @@ from gemma4_fleet.command_line import (
     systemd_quote,
 )
 from gemma4_fleet.config import ConfigError, parse_host_config
-from tests.unit.test_config import host_data
+from tests.unit.test_config import SHA, host_data
 
 pytestmark = pytest.mark.unit
 DATA = Path(__file__).parent / "data"
@@ -29,9 +29,9 @@ def test_seed_003_recipe_argv_exactly() -> None:
     assert argv == [
         f"{build}/bin/llama-server",
         "--model",
-        "/var/lib/llama-models/t.gguf",
+        f"/var/lib/llama-models/{SHA[:16]}/t.gguf",
         "--model-draft",
-        "/var/lib/llama-models/d.gguf",
+        f"/var/lib/llama-models/{SHA[:16]}/d.gguf",
         "--spec-type",
         "draft-mtp",
         "--spec-draft-n-max",

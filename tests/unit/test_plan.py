@@ -1,0 +1,661 @@
+"""VRAM plan per host: auto/fixed ctx against the budget, refusals naming host and field, the CLI.
+
+Expected numbers come from the KV formula (../shared/briefs/llama-cpp.md) and the planner's terms,
+never from the output under test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from functools import partial
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+
+from gemma4_fleet.config import ConfigError, HostConfig, ModelFile, parse_host_config
+from gemma4_fleet.facts import Gpu
+from gemma4_fleet.gguf_meta import ModelMeta, read_meta
+from gemma4_fleet.plan import (
+    CPU_AUTO_CTX,
+    HostPlan,
+    Tenant,
+    meta_for_model,
+    plan_fleet,
+    plan_host,
+)
+from gemma4_fleet.planner import (
+    CUDA_OVERHEAD_BYTES,
+    MIB,
+    CacheOptions,
+    compute_buffer_bytes,
+    fit_ctx,
+    plan_gpu,
+    weight_bytes_on_gpu,
+)
+from gemma4_fleet.synthetic import SyntheticPair, shape_spec, write_pair
+from gemma4_fleet.testfleet.assets import GEMMA3_270M_SHA256
+from gemma4_fleet.testfleet.mirrors import RangeRequestHandler
+
+pytestmark = pytest.mark.unit
+
+HOST = "gpu-a"
+COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+SHA = "0" * 64
+Q8 = CacheOptions(parallel=1, type_k="q8_0", type_v="q8_0", flash_attn=True)
+HEADROOM_MIB = 512  # HostConfig default vram_headroom_mib
+TINY = shape_spec("tiny")
+
+
+# --- fixtures and helpers ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory, gemma3_270m: Path) -> SyntheticPair:
+    return write_pair(tmp_path_factory.mktemp("pair"), tokenizer_from=gemma3_270m)
+
+
+@pytest.fixture(scope="module")
+def mismatched(tmp_path_factory: pytest.TempPathFactory, gemma3_270m: Path) -> SyntheticPair:
+    out = tmp_path_factory.mktemp("mismatched")
+    return write_pair(out, tokenizer_from=gemma3_270m, mismatched_drafter=True)
+
+
+@pytest.fixture(scope="module")
+def meta_270m(gemma3_270m: Path) -> ModelMeta:
+    return read_meta(gemma3_270m)
+
+
+@pytest.fixture(scope="module")
+def metas(pair: SyntheticPair) -> tuple[ModelMeta, ModelMeta]:
+    return read_meta(pair.target), read_meta(pair.drafter)
+
+
+def _model(role: str, source: Path | str) -> dict[str, Any]:
+    where = {"url": source} if isinstance(source, str) else {"local_path": str(source)}
+    return {"role": role, "file": "m.gguf", "sha256": SHA, **where}
+
+
+def _data(
+    models: dict[str, dict[str, Any]], instances: list[dict[str, Any]], **extra: Any
+) -> dict[str, Any]:
+    return {
+        "llamacpp": {"git_url": "https://example.invalid/llama.cpp.git", "commit": COMMIT},
+        "llama_models": models,
+        "llama_instances": instances,
+        **extra,
+    }
+
+
+def _host(
+    models: dict[str, dict[str, Any]], instances: list[dict[str, Any]], **extra: Any
+) -> HostConfig:
+    return parse_host_config(HOST, _data(models, instances, **extra))
+
+
+def _g3(**inst: Any) -> dict[str, Any]:
+    """One plain Gemma 3 270M instance (no drafter) on GPU 0."""
+    return {"name": "gemma3", "target": "g3", "spec_type": "none", "gpu": "0", **inst}
+
+
+def _g4(**inst: Any) -> dict[str, Any]:
+    """The synthetic Gemma 4 target + assistant (draft-mtp) on GPU 0."""
+    return {"name": "gemma4", "target": "g4", "drafter": "g4-asst", "gpu": "0", **inst}
+
+
+def _pair_models(pair: SyntheticPair) -> dict[str, dict[str, Any]]:
+    return {"g4": _model("target", pair.target), "g4-asst": _model("drafter", pair.drafter)}
+
+
+def _plan_error(config: HostConfig, gpus: list[Gpu] | None = None) -> str:
+    with pytest.raises(ConfigError) as err:
+        plan_host(HOST, config, gpus or [], meta_for_model)
+    return str(err.value)
+
+
+def _pad(n: int) -> int:
+    return -(-n // 256) * 256
+
+
+def _q8_row(width: int) -> int:
+    return width // 32 * 34
+
+
+def kv_270m(n_ctx: int) -> int:
+    """Gemma 3 270M, q8_0, -np 1: 3 full layers of n_ctx cells, 15 SWA layers of
+    P(min(n_ctx, 512 + 512)) cells, K and V rows of 1 head x 256."""
+    return 3 * n_ctx * 2 * _q8_row(256) + 15 * _pad(min(n_ctx, 512 + 512)) * 2 * _q8_row(256)
+
+
+def kv_tiny(n_ctx: int) -> int:
+    """Synthetic tiny gemma4 target, q8_0, -np 1: only the first n_layer - shared_kv_layers
+    layers own KV; SWA layers hold P(min(n_ctx, n_swa + 512)) cells. The assistant has none."""
+    total = 0
+    for il in range(TINY.n_layer - TINY.shared_kv_layers):
+        if TINY.swa_pattern[il]:
+            width, cells = (
+                TINY.n_head_kv_swa * TINY.head_dim_swa,
+                _pad(min(n_ctx, TINY.sliding_window + 512)),
+            )
+        else:
+            width, cells = TINY.n_head_kv_full * TINY.head_dim_full, n_ctx
+        total += cells * 2 * _q8_row(width)
+    return total
+
+
+def _mib(n: int) -> str:
+    return f"{n / MIB:.2f} MiB"
+
+
+# --- auto and fixed ctx -----------------------------------------------------------------------
+
+
+def test_auto_ctx_is_the_largest_multiple_of_256_that_fits(
+    pair: SyntheticPair, metas: tuple[ModelMeta, ModelMeta]
+) -> None:
+    target, drafter = metas
+    reserve = 100
+    at_4096 = plan_gpu(target, n_ctx=4096, cache=Q8, budget_mib=0, drafter=drafter)
+    budget_mib = -(-at_4096.used // MIB) + reserve + HEADROOM_MIB
+    whisper = {"unit": "whisper.service", "gpu": "0", "vram_reserve_mib": reserve}
+    config = _host(
+        _pair_models(pair),
+        [_g4(ctx_size="auto")],
+        gpu_memory_mib={"0": budget_mib},
+        gpu_services=[{**whisper, "share_gpu_with_llama": True}],
+    )
+    plan = plan_host(HOST, config, [], meta_for_model)
+    ctx = plan.ctx_for("gemma4")
+
+    def fits(n_ctx: int) -> bool:
+        return plan_gpu(
+            target,
+            n_ctx=n_ctx,
+            cache=Q8,
+            budget_mib=budget_mib - HEADROOM_MIB,
+            reserve_mib=reserve,
+            drafter=drafter,
+        ).fits
+
+    assert ctx % 256 == 0 and 4096 <= ctx < TINY.context_length
+    assert fits(ctx) and not fits(ctx + 256)
+    assert (
+        ctx
+        == fit_ctx(
+            target,
+            ctx="auto",
+            cache=Q8,
+            budget_mib=budget_mib - HEADROOM_MIB,
+            reserve_mib=reserve,
+            drafter=drafter,
+        ).n_ctx
+    )
+
+    row = plan.of("gemma4")
+    assert row.kv == kv_tiny(ctx)
+    assert row.weights == weight_bytes_on_gpu(target) + weight_bytes_on_gpu(drafter)
+    assert row.compute == compute_buffer_bytes(target, ctx) + compute_buffer_bytes(drafter, ctx)
+    assert row.overhead == CUDA_OVERHEAD_BYTES
+    assert row.tenants == (Tenant("whisper.service", reserve * MIB),)
+    assert row.headroom == HEADROOM_MIB * MIB and row.budget == budget_mib * MIB
+    assert row.free == budget_mib * MIB - (
+        row.weights + row.kv + row.compute + row.overhead + (reserve + HEADROOM_MIB) * MIB
+    )
+    assert row.fits and row.budget_source == "gpu_memory_mib.0"
+
+
+def test_auto_ctx_is_capped_at_n_ctx_train(
+    gemma3_270m: Path, meta_270m: ModelMeta, pair: SyntheticPair
+) -> None:
+    models = {"g3": _model("target", gemma3_270m), **_pair_models(pair)}
+    config = _host(
+        models,
+        [_g3(ctx_size="auto", port=8081), _g4(ctx_size="auto", gpu="1", parallel=1)],
+        gpu_memory_mib={"0": 80000, "1": 80000},
+    )
+    plan = plan_host(HOST, config, [], meta_for_model)
+    assert plan.ctx_for("gemma3") == meta_270m.context_length == 32768
+    assert plan.ctx_for("gemma4") == TINY.context_length
+    # parallel N: up to n_ctx_train tokens per slot
+    two = _host(models, [_g3(ctx_size="auto", parallel=2)], gpu_memory_mib={"0": 80000})
+    assert plan_host(HOST, two, [], meta_for_model).ctx_for("gemma3") == 2 * 32768
+
+
+def test_fixed_ctx_that_fits_passes_through(gemma3_270m: Path, meta_270m: ModelMeta) -> None:
+    config = _host(
+        {"g3": _model("target", gemma3_270m)}, [_g3(ctx_size=4000)], gpu_memory_mib={"0": 2000}
+    )
+    row = plan_host(HOST, config, [], meta_for_model).of("gemma3")
+    assert row.ctx == 4000  # what goes into --ctx-size; llama.cpp pads the cache to 4096
+    assert row.kv == kv_270m(4096)
+    assert row.compute == compute_buffer_bytes(meta_270m, 4096)
+    assert row.weights == weight_bytes_on_gpu(meta_270m)
+
+
+def test_fixed_ctx_over_budget_is_refused_with_the_breakdown(
+    gemma3_270m: Path, meta_270m: ModelMeta
+) -> None:
+    budget_mib = -(-plan_gpu(meta_270m, n_ctx=8192, cache=Q8, budget_mib=0).used // MIB)
+    budget_mib += HEADROOM_MIB
+    config = _host(
+        {"g3": _model("target", gemma3_270m)},
+        [_g3(ctx_size=32768)],
+        gpu_memory_mib={"0": budget_mib},
+    )
+    message = _plan_error(config)
+    assert message.startswith(
+        f"host {HOST}: llama_instances[gemma3].ctx_size: ctx 32768 does not fit GPU 0: "
+    )
+    weights = weight_bytes_on_gpu(meta_270m)
+    kv = kv_270m(32768)
+    compute = compute_buffer_bytes(meta_270m, 32768)
+    used = weights + kv + compute + CUDA_OVERHEAD_BYTES + HEADROOM_MIB * MIB
+    for part in (
+        f"weights {_mib(weights)}",
+        f"KV {_mib(kv)}",
+        f"compute {_mib(compute)}",
+        f"CUDA overhead {_mib(CUDA_OVERHEAD_BYTES)}",
+        "other tenants 0.00 MiB",
+        f"headroom {HEADROOM_MIB}.00 MiB",
+        f"= {_mib(used)}, budget {budget_mib}.00 MiB (gpu_memory_mib.0)",
+    ):
+        assert part in message, part
+    largest = fit_ctx(meta_270m, ctx="auto", cache=Q8, budget_mib=budget_mib - HEADROOM_MIB)
+    assert 8192 <= largest.n_ctx < 32768
+    assert message.endswith(f"the largest ctx that fits is {largest.n_ctx}")
+
+
+def test_budget_smaller_than_the_weights(gemma3_270m: Path, meta_270m: ModelMeta) -> None:
+    models = {"g3": _model("target", gemma3_270m)}
+    config = _host(models, [_g3(ctx_size="auto")], gpu_memory_mib={"0": 700}, vram_headroom_mib=0)
+    message = _plan_error(config)
+    weights = weight_bytes_on_gpu(meta_270m)
+    assert message.startswith(
+        f"host {HOST}: gpu_memory_mib.0: GPU 0 budget 700.00 MiB leaves "
+        f"{_mib(700 * MIB - CUDA_OVERHEAD_BYTES)} for the weights of llama_instances[gemma3]"
+    )
+    assert f"the weights (g3) need {_mib(weights)}" in message
+    # the budget read from nvidia-smi: the field is the instance's GPU
+    small = Gpu(0, "GPU-0000", "NVIDIA T400", 700, 0, "7.5")
+    config = _host(models, [_g3(ctx_size="auto")], vram_headroom_mib=0)
+    assert _plan_error(config, [small]).startswith(
+        f"host {HOST}: llama_instances[gemma3].gpu: GPU 0 budget 700.00 MiB leaves"
+    )
+
+
+def test_auto_that_fits_nothing_names_ctx_size(gemma3_270m: Path, meta_270m: ModelMeta) -> None:
+    # the weights fit, but not even 256 tokens of KV and compute do
+    lean = weight_bytes_on_gpu(meta_270m) + CUDA_OVERHEAD_BYTES
+    config = _host(
+        {"g3": _model("target", gemma3_270m)},
+        [_g3(ctx_size="auto")],
+        gpu_memory_mib={"0": -(-lean // MIB) + 1},
+        vram_headroom_mib=0,
+    )
+    assert _plan_error(config).startswith(
+        f"host {HOST}: llama_instances[gemma3].ctx_size: auto: not even ctx 256 fits GPU 0: "
+    )
+
+
+def test_ctx_above_n_ctx_train(gemma3_270m: Path) -> None:
+    models = {"g3": _model("target", gemma3_270m)}
+    gpu = _host(models, [_g3(ctx_size=40000)], gpu_memory_mib={"0": 80000})
+    expected = (
+        f"host {HOST}: llama_instances[gemma3].ctx_size: ctx 40000 gives {_pad(40000)} tokens "
+        "per slot (parallel 1), above n_ctx_train 32768 of g3"
+    )
+    assert _plan_error(gpu).startswith(expected)
+    cpu = _host(models, [_g3(ctx_size=40000, gpu=None)], llamacpp_build={"cuda": False})
+    assert _plan_error(cpu).startswith(expected)
+
+
+def test_cpu_instances(gemma3_270m: Path, meta_270m: ModelMeta) -> None:
+    config = _host(
+        {"g3": _model("target", gemma3_270m)},
+        [
+            _g3(name="auto", ctx_size="auto", gpu=None),
+            _g3(name="fixed", ctx_size=2048, gpu=None, port=8081),
+        ],
+        llamacpp_build={"cuda": False},
+    )
+    plan = plan_host(HOST, config, [], meta_for_model)
+    assert plan.ctx_for("auto") == min(meta_270m.context_length, CPU_AUTO_CTX) == 8192
+    assert plan.ctx_for("fixed") == 2048
+    row = plan.of("fixed")
+    assert row.gpu is None and row.budget is None and row.fits
+    assert row.kv == kv_270m(2048) and row.weights == meta_270m.total_tensor_bytes
+    with pytest.raises(ConfigError, match="no planned instance named 'nope'"):
+        plan.ctx_for("nope")
+
+
+# --- GPUs, budgets and tenants ----------------------------------------------------------------
+
+
+H100 = Gpu(0, "GPU-11111111-2222-3333-4444-555555555555", "NVIDIA H100 80GB HBM3", 81559, 7, "9.0")
+
+
+def test_budget_from_nvidia_smi_or_host_data(gemma3_270m: Path) -> None:
+    models = {"g3": _model("target", gemma3_270m)}
+    by_uuid = _host(models, [_g3(gpu=H100.uuid)])
+    row = plan_host(HOST, by_uuid, [H100], meta_for_model).of("gemma3")
+    assert row.budget == H100.memory_total_mib * MIB and row.budget_source == "nvidia-smi"
+    assert (row.gpu_index, row.gpu_uuid, row.gpu_name) == (0, H100.uuid, H100.name)
+    # gpu_memory_mib wins, under the index even when the instance names the UUID
+    capped = _host(models, [_g3(gpu=H100.uuid)], gpu_memory_mib={"0": 20000})
+    row = plan_host(HOST, capped, [H100], meta_for_model).of("gemma3")
+    assert row.budget == 20000 * MIB and row.budget_source == "gpu_memory_mib.0"
+
+    assert _plan_error(_host(models, [_g3(gpu="3")]), [H100]).startswith(
+        f"host {HOST}: llama_instances[gemma3].gpu: no GPU '3' on the host (nvidia-smi lists: "
+        f"0 {H100.uuid})"
+    )
+    assert _plan_error(_host(models, [_g3()])).startswith(
+        f"host {HOST}: gpu_memory_mib: no VRAM budget for GPU '0' (llama_instances[gemma3].gpu)"
+    )
+
+
+def test_instances_and_services_sharing_a_gpu(
+    gemma3_270m: Path, pair: SyntheticPair, meta_270m: ModelMeta
+) -> None:
+    models = {"g3": _model("target", gemma3_270m), **_pair_models(pair)}
+    whisper = {"unit": "whisper.service", "gpu": "0", "vram_reserve_mib": 2000}
+    config = _host(
+        models,
+        [_g3(ctx_size=4096, port=8081), _g4(ctx_size="auto")],
+        gpu_memory_mib={"0": 24000},
+        gpu_services=[{**whisper, "share_gpu_with_llama": True}],
+    )
+    plan = plan_host(HOST, config, [], meta_for_model)
+    small, big = plan.of("gemma3"), plan.of("gemma4")
+    small_total = (
+        weight_bytes_on_gpu(meta_270m)
+        + kv_270m(4096)
+        + compute_buffer_bytes(meta_270m, 4096)
+        + CUDA_OVERHEAD_BYTES
+    )
+    big_total = big.weights + big.kv + big.compute + big.overhead
+    assert big.tenants == (
+        Tenant("whisper.service", 2000 * MIB),
+        Tenant("llama-server-gemma3.service", small_total, "instance"),
+    )
+    assert small.tenants == (
+        Tenant("whisper.service", 2000 * MIB),
+        Tenant("llama-server-gemma4.service", big_total, "instance"),
+    )
+    assert small.free == big.free
+    assert small.free is not None and small.free >= 0
+
+    two_autos = _host(
+        models,
+        [_g3(ctx_size="auto", port=8081), _g4(ctx_size="auto")],
+        gpu_memory_mib={"0": 24000},
+    )
+    assert _plan_error(two_autos).startswith(
+        f"host {HOST}: llama_instances[gemma4].ctx_size: auto on GPU 0, which "
+        "llama_instances[gemma3] also sizes with auto"
+    )
+    # a fixed ctx that leaves the other instance nothing: refused at the auto instance
+    crowded = _host(
+        models,
+        [_g3(ctx_size=32768, port=8081), _g4(ctx_size="auto")],
+        gpu_memory_mib={"0": 1500},
+        vram_headroom_mib=0,
+    )
+    message = _plan_error(crowded)
+    assert message.startswith(f"host {HOST}: gpu_memory_mib.0: GPU 0 budget 1500.00 MiB leaves")
+    assert "llama-server-gemma3.service" in message
+
+
+# --- pairing and model metadata errors --------------------------------------------------------
+
+
+def test_pairing_mismatch_names_the_values(pair: SyntheticPair, mismatched: SyntheticPair) -> None:
+    models = {"g4": _model("target", pair.target), "g4-asst": _model("drafter", mismatched.drafter)}
+    config = _host(models, [_g4(ctx_size=4096)], gpu_memory_mib={"0": 80000})
+    message = _plan_error(config)
+    assert message.startswith(
+        f"host {HOST}: llama_instances[gemma4].drafter: g4-asst cannot draft for g4: "
+    )
+    assert (
+        f"target embedding_length {TINY.n_embd} != drafter embedding_length_out {TINY.n_embd + 32}"
+    ) in message
+
+
+def test_unknown_architecture(tmp_path: Path) -> None:
+    path = tmp_path / "llama.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    config = _host({"weird": _model("target", path)}, [_g3(target="weird")])
+    message = _plan_error(config)
+    assert message.startswith(f"host {HOST}: llama_models.weird.local_path: ")
+    assert "unknown architecture 'llama'" in message
+
+
+@pytest.fixture
+def mirror(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """(base URL, root) of a local HTTP server with Range support (the test fleet's mirror)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    server = ThreadingHTTPServer(
+        ("127.0.0.1", 0), partial(RangeRequestHandler, directory=str(root))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_model_urls(
+    mirror: tuple[str, Path],
+    gemma3_270m: Path,
+    meta_270m: ModelMeta,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("G4F_CACHE", str(tmp_path / "cache"))
+    base, root = mirror
+    (root / "g3.gguf").symlink_to(gemma3_270m)
+    with gemma3_270m.open("rb") as fh:
+        (root / "truncated.gguf").write_bytes(fh.read(100_000))
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+
+    good = {**_model("target", f"{base}/g3.gguf"), "sha256": GEMMA3_270M_SHA256}
+    config = _host({"g3": good}, [_g3()], gpu_memory_mib={"0": 2000})
+    assert plan_host(HOST, config, [], meta_for_model).of("gemma3").kv == kv_270m(8192)
+    assert (tmp_path / "cache" / "gguf-meta" / f"{GEMMA3_270M_SHA256}.json").is_file()
+    assert meta_for_model(ModelFile.model_validate(good)) == meta_270m
+
+    models = {
+        "g3": _model("target", f"http://127.0.0.1:{closed}/g3.gguf"),
+        "cut": _model("target", f"{base}/truncated.gguf"),
+    }
+    config = _host(models, [_g3(), _g3(name="other", target="cut", port=8081)])
+    lines = _plan_error(config).splitlines()
+    assert lines[0].startswith(f"host {HOST}: llama_models.g3.url: http://127.0.0.1:{closed}/")
+    assert "unreachable" in lines[0]
+    assert lines[1].startswith(f"host {HOST}: llama_models.cut.url: {base}/truncated.gguf: ")
+    assert "truncated GGUF header" in lines[1]
+
+
+def test_plan_fleet_reports_every_host_and_reads_each_model_once(
+    gemma3_270m: Path, pair: SyntheticPair, mismatched: SyntheticPair
+) -> None:
+    models = {
+        "g3": _model("target", gemma3_270m),
+        "g4": _model("target", pair.target),
+        "g4-asst": _model("drafter", mismatched.drafter),
+    }
+    budget = {"gpu_memory_mib": {"0": 80000}}
+    configs = {
+        "a": parse_host_config("a", _data(models, [_g3(ctx_size=65536)], **budget)),
+        "b": parse_host_config("b", _data(models, [_g4(ctx_size=4096)], **budget)),
+        "c": parse_host_config("c", _data(models, [_g3(ctx_size=1024)], **budget)),
+    }
+    reads: list[str] = []
+
+    def counting(model: ModelFile) -> ModelMeta:
+        reads.append(str(model.local_path))
+        return meta_for_model(model)
+
+    with pytest.raises(ConfigError) as err:
+        plan_fleet(configs, {}, meta_for=counting)
+    lines = str(err.value).splitlines()
+    assert [line.split(":", 2)[:2] for line in lines] == [
+        ["host a", " llama_instances[gemma3].ctx_size"],
+        ["host b", " llama_instances[gemma4].drafter"],
+    ]
+    assert sorted(reads) == sorted({str(gemma3_270m), str(pair.target), str(mismatched.drafter)})
+    plans = plan_fleet({"c": configs["c"]}, {})
+    assert isinstance(plans["c"], HostPlan) and plans["c"].ctx_for("gemma3") == 1024
+
+
+# --- the plan command -------------------------------------------------------------------------
+
+
+def _cli(cwd: Path, *args: str, path: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`gemma4-fleet ARGS` via main() in a child: pyinfra_cli monkey-patches the stdlib for
+    gevent on import, which must not leak into this test process."""
+    env = dict(os.environ)
+    if path is not None:
+        env["PATH"] = path
+    code = "import sys; from gemma4_fleet.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture
+def project(tmp_path: Path, gemma3_270m: Path, pair: SyntheticPair) -> Path:
+    """A deploy directory: group_data/all.py in the cwd, an inventory with its own group_data."""
+    (tmp_path / "group_data").mkdir()
+    (tmp_path / "group_data" / "all.py").write_text(
+        f"llamacpp = {{'git_url': 'https://example.invalid/l.git', 'commit': '{COMMIT}'}}\n"
+        "llama_server = {'ctx_size': 'auto', 'cache_type_k': 'q8_0', 'cache_type_v': 'q8_0'}\n"
+        f"llama_models = {{'g3': {_model('target', gemma3_270m)!r},"
+        f" 'g4': {_model('target', pair.target)!r},"
+        f" 'g4-asst': {_model('drafter', pair.drafter)!r}}}\n"
+    )
+    inventories = tmp_path / "inventories"
+    (inventories / "group_data").mkdir(parents=True)
+    (inventories / "group_data" / "gpu_hosts.py").write_text("vram_headroom_mib = 256\n")
+    (inventories / "fleet.py").write_text(
+        "gpu_hosts = [\n"
+        "    ('box-a', {'gpu_memory_mib': {'0': 1200}, 'llama_instances': [\n"
+        "        {'name': 'gemma3', 'target': 'g3', 'spec_type': 'none', 'gpu': '0'}]}),\n"
+        "]\n"
+        "cpu_hosts = [\n"
+        "    ('box-b', {'llamacpp_build': {'cuda': False}, 'llama_instances': [\n"
+        "        {'name': 'gemma4', 'target': 'g4', 'drafter': 'g4-asst', 'ctx_size': 2048}]}),\n"
+        "    ('box-c', {'gpu_memory_mib': {'0': 700}, 'llama_instances': [\n"
+        "        {'name': 'gemma3', 'target': 'g3', 'spec_type': 'none', 'gpu': '0',\n"
+        "         'ctx_size': 4096}]}),\n"
+        "]\n"
+    )
+    return tmp_path
+
+
+def test_cli_json_and_table(project: Path, meta_270m: ModelMeta) -> None:
+    # box-a: 1200 MiB with the inventory folder's group_data headroom of 256 MiB
+    expected = fit_ctx(meta_270m, ctx="auto", cache=Q8, budget_mib=1200 - 256)
+    weights = weight_bytes_on_gpu(meta_270m)
+    kv = kv_270m(expected.n_ctx)
+    compute = compute_buffer_bytes(meta_270m, expected.n_ctx)
+    free = 1200 * MIB - (weights + kv + compute + CUDA_OVERHEAD_BYTES + 256 * MIB)
+
+    done = _cli(project, "plan", "inventories/fleet.py", "--limit", "box-a,box-b", "--json")
+    assert done.returncode == 0, done.stderr
+    hosts = json.loads(done.stdout)["hosts"]
+    assert list(hosts) == ["box-a", "box-b"]
+    row = hosts["box-a"]["instances"][0]
+    assert row["instance"] == "gemma3" and row["gpu"] == "0" and row["fits"] is True
+    assert row["ctx_size"] == "auto" and row["ctx"] == expected.n_ctx
+    assert row["bytes"] == {
+        "budget": 1200 * MIB,
+        "weights": weights,
+        "kv": kv,
+        "compute": compute,
+        "overhead": CUDA_OVERHEAD_BYTES,
+        "tenants": 0,
+        "headroom": 256 * MIB,
+        "free": free,
+    }
+    cpu = hosts["box-b"]["instances"][0]
+    assert cpu["gpu"] is None and cpu["ctx"] == 2048 and cpu["bytes"]["kv"] == kv_tiny(2048)
+
+    done = _cli(project, "plan", "inventories/fleet.py", "--limit", "box-a")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "host box-a (MiB)"
+    assert lines[1].split() == [
+        "instance", "GPU", "budget", "weights", "KV", "compute", "overhead", "tenants",
+        "headroom", "free", "ctx", "fits",
+    ]  # fmt: skip
+    assert lines[2].split() == [
+        "gemma3", "0", "1200", str(round(weights / MIB)), str(round(kv / MIB)),
+        str(round(compute / MIB)), "590", "0", "256", str(round(free / MIB)),
+        str(expected.n_ctx), "auto", "yes",
+    ]  # fmt: skip
+    assert lines[3] == "  GPU 0: budget from gpu_memory_mib.0"
+
+
+def test_cli_errors_exit_1(project: Path) -> None:
+    done = _cli(project, "plan", "inventories/fleet.py", "--json")
+    assert done.returncode == 1
+    errors = json.loads(done.stdout)["errors"]
+    assert len(errors) == 1 and errors[0].startswith("host box-c: gpu_memory_mib.0: GPU 0 budget")
+    assert "gemma4-fleet: host box-c: gpu_memory_mib.0:" in done.stderr
+
+    done = _cli(project, "plan", "inventories/fleet.py", "--limit", "nope")
+    assert done.returncode == 1 and "--limit nope: no host or group" in done.stderr
+
+
+def test_cli_from_hosts_reads_nvidia_smi(project: Path, tmp_path: Path) -> None:
+    """--from-hosts on the @local connector, with a stand-in nvidia-smi first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(
+        "#!/bin/sh\n"
+        f"echo '{H100.index}, {H100.uuid}, {H100.name}, {H100.memory_total_mib}, 7, 9.0'\n"
+    )
+    smi.chmod(0o755)
+    (project / "local.py").write_text(
+        "instance = {'name': 'gemma4', 'target': 'g4', 'drafter': 'g4-asst'}\n"
+        f"hosts = [('@local', {{'llama_instances': [{{**instance, 'gpu': '{H100.uuid}'}}]}})]\n"
+    )
+    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    done = _cli(project, "plan", "local.py", "--from-hosts", "--json", path=path)
+    assert done.returncode == 0, done.stderr
+    row = json.loads(done.stdout)["hosts"]["@local"]["instances"][0]
+    assert row["bytes"]["budget"] == H100.memory_total_mib * MIB
+    assert row["budget_source"] == "nvidia-smi" and row["gpu_index"] == 0
+    assert row["ctx"] == TINY.context_length
+
+    done = _cli(project, "plan", "local.py")
+    assert done.returncode == 1
+    assert re.search(r"host @local: gpu_memory_mib: no VRAM budget for GPU 'GPU-1", done.stderr)
