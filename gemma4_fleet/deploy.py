@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pyinfra import host, state
-from pyinfra.api import OperationError, State, deploy
+from pyinfra.api import OperationError, QuoteString, State, StringCommand, deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.server import Groups
@@ -30,12 +30,20 @@ from gemma4_fleet.command_line import (
 )
 from gemma4_fleet.config import (
     ConfigError,
+    GpuService,
     HostConfig,
     Instance,
     host_data_of,
     parse_host_config,
 )
-from gemma4_fleet.facts import CudaToolkit, Gpu, LlamaCppBuildInfo, NvidiaGpus, SystemdVersion
+from gemma4_fleet.facts import (
+    CudaToolkit,
+    Gpu,
+    LlamaCppBuildInfo,
+    NvidiaGpus,
+    SystemdUnitExists,
+    SystemdVersion,
+)
 from gemma4_fleet.plan import HostPlan, plan_fleet
 
 BUILD_PACKAGES = [
@@ -51,6 +59,7 @@ BUILD_PACKAGES = [
     "ca-certificates",
 ]
 CUDA_TOOLKIT_PACKAGES = ["nvidia-cuda-toolkit"]
+GPU_DROPIN = "gemma4-fleet-gpu.conf"
 HEALTH_TIMEOUT_S = 900  # the drafter adds load time; a 12B pair from cold disk takes minutes
 _configs: weakref.WeakKeyDictionary[State, dict[str, tuple[HostConfig, HostPlan]]] = (
     weakref.WeakKeyDictionary()
@@ -181,32 +190,32 @@ def models(config: HostConfig) -> list[OperationMeta]:
     ]
 
 
-def gpu_uuid(inst: Instance, gpus: list[Gpu]) -> str | None:
-    """The assigned GPU's UUID (from an index or a UUID); None without a GPU assignment."""
-    if inst.gpu is None:
-        return None
-    for gpu in gpus:
-        if inst.gpu in (str(gpu.index), gpu.uuid):
-            return gpu.uuid
-    return ""
+def gpu_uuid(gpu: str | None, gpus: list[Gpu]) -> str | None:
+    """The UUID of a GPU given by index or UUID; None for no GPU, "" when it is not there.
 
-
-@deploy("llama-server units")
-def servers(
-    config: HostConfig, plan: HostPlan, changed: list[OperationMeta]
-) -> list[OperationMeta]:
-    """Render, check and (re)start one unit per instance; restart only on a change; verify.
-
-    A (re)started instance must answer /health and pass its smoke check, else its
-    last-known-good unit is restored and the host fails. Returns what may have changed.
-
-    + plan: the host's VRAM plan (the context size each instance gets)
-    + changed: build/model operations whose change must restart every instance
+    A UUID is taken as given on a host without NVIDIA tools (nothing to check it against).
     """
-    gpus = host.get_fact(NvidiaGpus) if config.build.cuda else []
-    groups = [g for g in ("video", "render") if g in host.get_fact(Groups)]
-    backoff = host.get_fact(SystemdVersion) >= 254
-    render = {"jinja_env_kwargs": {"trim_blocks": True, "lstrip_blocks": True}, "mode": "644"}
+    if gpu is None:
+        return None
+    for each in gpus:
+        if gpu in (str(each.index), each.uuid):
+            return each.uuid
+    return gpu if not gpus and gpu.startswith(("GPU-", "MIG-")) else ""
+
+
+def no_gpu(gpu: str | None, gpus: list[Gpu]) -> str:
+    have = ", ".join(f"{g.index} {g.uuid}" for g in gpus) or "none (no nvidia-smi)"
+    return f"{gpu!r} is not a GPU of this host (have: {have})"
+
+
+RENDER: dict[str, Any] = {
+    "jinja_env_kwargs": {"trim_blocks": True, "lstrip_blocks": True},
+    "mode": "644",
+}
+
+
+def service_basics(config: HostConfig) -> OperationMeta:
+    """The service user and the smoke-check script every instance's units rely on."""
     server.group(name="Service group", group=config.service_user, system=True)
     server.user(
         name="Service user",
@@ -217,92 +226,150 @@ def servers(
         shell="/usr/sbin/nologin",
         create_home=False,
     )
-    script = files.put(
+    return files.put(
         name="Smoke check script",
         src=str(package_files("gemma4_fleet") / "smoke_check.py"),
         dest=SMOKE_SCRIPT,
         mode="755",
     )
-    results = [script]
+
+
+@deploy("llama-server units")
+def servers(
+    config: HostConfig, plan: HostPlan, changed: list[OperationMeta]
+) -> list[OperationMeta]:
+    """Render, check and (re)start one unit per instance; restart only on a change; verify.
+
+    + plan: the host's VRAM plan (the context size each instance gets)
+    + changed: build/model operations whose change must restart every instance
+    """
+    results = [service_basics(config)]
     for inst in config.instances:
-        uuid = gpu_uuid(inst, gpus)
-        if uuid == "":
-            g4f.fail(
-                name=f"GPU for {inst.name}",
-                reason=(
-                    f"host {host.name}: llama_instances[{inst.name}].gpu {inst.gpu!r}: no such GPU"
-                    f" (have: {', '.join(f'{g.index} {g.uuid}' for g in gpus) or 'none'})"
-                ),
-            )
-            continue
-        argv = server_argv(config, inst, ctx_size=plan.ctx_for(inst.name))
-        g4f.flags_known(
-            name=f"{inst.unit}: flags known to the build",
-            binary=config.server_binary,
-            flags=flags_of(argv),
-        )
-        unit = files.template(
-            name=f"Unit {inst.unit}",
-            src=template("llama-server.service.j2"),
-            dest=f"/etc/systemd/system/{inst.unit}",
-            instance=inst,
-            exec_start=exec_start(argv),
-            service_user=config.service_user,
-            gpu_uuid=uuid,
-            groups=groups,
-            restart_backoff=backoff,
-            models_dir=config.models_dir,
-            **render,
-        )
-        smoke = smoke_units(config, inst, render)
-        systemd.daemon_reload(name="systemd daemon-reload", _if=any_changed(unit, *smoke))
-        if smoke:
-            timer = inst.smoke_unit.removesuffix(".service") + ".timer"
-            systemd.service(name=f"{timer} enabled", service=timer, running=True, enabled=True)
-        # Errors here are judged (and rolled back) by the verification below.
-        started = systemd.service(
-            name=f"{inst.unit} enabled and running",
-            service=inst.unit,
-            running=True,
-            enabled=True,
-            _ignore_errors=True,
-        )
-        restarted = systemd.service(
-            name=f"{inst.unit} restarted (unit, build or model changed)",
-            service=inst.unit,
-            restarted=True,
-            _ignore_errors=True,
-            _if=lambda started=started, unit=unit: (
-                any_changed(unit, *changed)() and not started.did_change()
-            ),
-        )
-        health = "127.0.0.1" if inst.host in ("0.0.0.0", "::") else inst.host
-        verified = g4f.verify_or_roll_back(
-            name=f"{inst.unit} healthy and smoke check passed",
-            unit=inst.unit,
-            health_url=f"http://{health}:{inst.port}/health",
-            timeout=HEALTH_TIMEOUT_S,
-            smoke_unit=inst.smoke_unit if smoke else None,
-            report=smoke_report(inst, "json"),
-            # After a (failed) start or restart, or when the smoke check itself changed.
-            _if=lambda started=started, restarted=restarted, smoke=smoke: (
-                any(op.did_change() or op.did_error() for op in (started, restarted))
-                or any_changed(*smoke)()
-            ),
-        )
-        if smoke:
-            files.get(
-                name=f"{inst.name} smoke report to the controller",
-                src=smoke_report(inst, "json"),
-                dest=str(report_dir() / host.name / f"{inst.name}.json"),
-                create_local_dir=True,
-                _if=verified.did_change,
-            )
-        results += [unit, *smoke, started, restarted, verified]
+        results += instance_unit(config, plan, inst, changed)
     return results
 
 
-def smoke_units(config: HostConfig, inst: Instance, render: dict[str, Any]) -> list[OperationMeta]:
+def instance_unit(
+    config: HostConfig, plan: HostPlan, inst: Instance, changed: list[OperationMeta]
+) -> list[OperationMeta]:
+    """One instance's unit, smoke units and timer; (re)start on change, then verify.
+
+    A (re)started instance must answer /health and pass its smoke check, else its
+    last-known-good unit is restored and the host fails. Returns what may have changed.
+    """
+    gpus = host.get_fact(NvidiaGpus) if config.build.cuda else []
+    uuid = gpu_uuid(inst.gpu, gpus)
+    if uuid == "":
+        g4f.fail(
+            name=f"GPU for {inst.name}",
+            reason=f"host {host.name}: llama_instances[{inst.name}].gpu: {no_gpu(inst.gpu, gpus)}",
+        )
+        return []
+    argv = server_argv(config, inst, ctx_size=plan.ctx_for(inst.name))
+    g4f.flags_known(
+        name=f"{inst.unit}: flags known to the build",
+        binary=config.server_binary,
+        flags=flags_of(argv),
+    )
+    unit = files.template(
+        name=f"Unit {inst.unit}",
+        src=template("llama-server.service.j2"),
+        dest=f"/etc/systemd/system/{inst.unit}",
+        instance=inst,
+        exec_start=exec_start(argv),
+        service_user=config.service_user,
+        gpu_uuid=uuid,
+        groups=[g for g in ("video", "render") if g in host.get_fact(Groups)],
+        restart_backoff=host.get_fact(SystemdVersion) >= 254,
+        models_dir=config.models_dir,
+        **RENDER,
+    )
+    smoke = smoke_units(config, inst)
+    systemd.daemon_reload(name="systemd daemon-reload", _if=any_changed(unit, *smoke))
+    if smoke:
+        timer = inst.smoke_unit.removesuffix(".service") + ".timer"
+        systemd.service(name=f"{timer} enabled", service=timer, running=True, enabled=True)
+    # Errors here are judged (and rolled back) by the verification below.
+    started = systemd.service(
+        name=f"{inst.unit} enabled and running",
+        service=inst.unit,
+        running=True,
+        enabled=True,
+        _ignore_errors=True,
+    )
+    restarted = systemd.service(
+        name=f"{inst.unit} restarted (unit, build or model changed)",
+        service=inst.unit,
+        restarted=True,
+        _ignore_errors=True,
+        _if=lambda: any_changed(unit, *changed)() and not started.did_change(),
+    )
+    health = "127.0.0.1" if inst.host in ("0.0.0.0", "::") else inst.host
+    verified = g4f.verify_or_roll_back(
+        name=f"{inst.unit} healthy and smoke check passed",
+        unit=inst.unit,
+        health_url=f"http://{health}:{inst.port}/health",
+        timeout=HEALTH_TIMEOUT_S,
+        smoke_unit=inst.smoke_unit if smoke else None,
+        report=smoke_report(inst, "json"),
+        # After a (failed) start or restart, or when the smoke check itself changed.
+        _if=lambda: (
+            any(op.did_change() or op.did_error() for op in (started, restarted))
+            or any_changed(*smoke)()
+        ),
+    )
+    if smoke:
+        files.get(
+            name=f"{inst.name} smoke report to the controller",
+            src=smoke_report(inst, "json"),
+            dest=str(report_dir() / host.name / f"{inst.name}.json"),
+            create_local_dir=True,
+            _if=verified.did_change,
+        )
+    return [unit, *smoke, started, restarted, verified]
+
+
+@deploy("GPU services pinned")
+def gpu_services(config: HostConfig) -> list[OperationMeta]:
+    """Pin each listed GPU service (whisper, TTS) to its GPU with a drop-in; restart on change."""
+    return [op for svc in config.gpu_services for op in pin_gpu_service(svc)]
+
+
+def pin_gpu_service(svc: GpuService) -> list[OperationMeta]:
+    """A drop-in setting CUDA_VISIBLE_DEVICES; the service's own unit is never touched."""
+    gpus = host.get_fact(NvidiaGpus)
+    uuid = gpu_uuid(svc.gpu, gpus)
+    if not host.get_fact(SystemdUnitExists, unit=svc.unit):
+        g4f.fail(
+            name=f"GPU service {svc.unit}",
+            reason=f"host {host.name}: gpu_services: {svc.unit} is not installed",
+        )
+        return []
+    if not uuid:
+        g4f.fail(
+            name=f"GPU for {svc.unit}",
+            reason=f"host {host.name}: gpu_services[{svc.unit}].gpu: {no_gpu(svc.gpu, gpus)}",
+        )
+        return []
+    dropin = files.template(
+        name=f"Drop-in {svc.unit}.d/{GPU_DROPIN}",
+        src=template("gpu-pin.conf.j2"),
+        dest=f"/etc/systemd/system/{svc.unit}.d/{GPU_DROPIN}",
+        gpu_uuid=uuid,
+        create_remote_dir=True,
+        **RENDER,
+    )
+    systemd.daemon_reload(name="systemd daemon-reload", _if=dropin.did_change)
+    # try-restart: a service that is stopped stays stopped (it is not ours to start).
+    server.shell(
+        name=f"{svc.unit} restarted (drop-in changed)",
+        commands=[StringCommand("systemctl", "try-restart", QuoteString(svc.unit))],
+        _if=dropin.did_change,
+    )
+    return [dropin]
+
+
+def smoke_units(config: HostConfig, inst: Instance) -> list[OperationMeta]:
     """The oneshot smoke-check service and its timer (the same check the deploy runs)."""
     if not config.smoke.enabled:
         return []
@@ -315,7 +382,7 @@ def smoke_units(config: HostConfig, inst: Instance, render: dict[str, Any]) -> l
         exec_start=exec_start(smoke_argv(config, inst)),
         state_dir=SMOKE_STATE_DIR,
         gpu=inst.gpu is not None,
-        **render,
+        **RENDER,
     )
     timer_file = files.template(
         name=f"Unit {timer}",
@@ -324,7 +391,7 @@ def smoke_units(config: HostConfig, inst: Instance, render: dict[str, Any]) -> l
         instance=inst,
         smoke=config.smoke,
         smoke_unit=inst.smoke_unit,
-        **render,
+        **RENDER,
     )
     return [service, timer_file]
 
@@ -342,6 +409,7 @@ def gemma4_mtp() -> None:
     build = llama_cpp(config)
     placed = models(config)
     changed = servers(config, plan, changed=[build, *placed])
+    gpu_services(config)
     g4f.prune(
         name="Unused builds and model versions",
         install_root=config.build.install_root,
@@ -385,3 +453,31 @@ def print_fleet_table(since: float) -> None:
     print("--> Fleet smoke table")
     for row in [header, *rows]:
         print("    " + "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+@deploy("Redeploy one unit")
+def redeploy_unit(name: str) -> None:
+    """Re-render and restart one llama-server instance or one pinned GPU service, nothing else.
+
+    No build, no download, no other unit: a unit that needs a new build or model fails its
+    flag check (run the full deploy for that).
+
+    + name: an instance name ("gemma4"), its unit, or a `gpu_services` unit
+    """
+    config, plan = host_config()
+    if not name:
+        raise FleetConfigError(f"host {host.name}: unit: say which, e.g. --data unit=gemma4")
+    for inst in config.instances:
+        if name in (inst.name, inst.unit, inst.unit.removesuffix(".service")):
+            service_basics(config)
+            instance_unit(config, plan, inst, changed=[])
+            return
+    for svc in config.gpu_services:
+        if name in (svc.unit, svc.unit.removesuffix(".service")):
+            pin_gpu_service(svc)
+            return
+    known = [i.name for i in config.instances] + [s.unit for s in config.gpu_services]
+    raise FleetConfigError(
+        f"host {host.name}: unit: {name!r} is neither a llama-server instance nor a GPU "
+        f"service of this host (have: {', '.join(known)})"
+    )

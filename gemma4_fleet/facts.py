@@ -190,3 +190,26 @@ class SystemdVersion(FactBase[int]):
         if not match:
             raise FactProcessError(f"unexpected systemctl --version: {output!r}")
         return int(match.group(1))
+
+
+class SystemdUnitExists(FactBase[bool]):
+    """Whether systemd knows a unit file of this name (installed, maybe stopped)."""
+
+    def command(self, unit: str) -> StringCommand:
+        return StringCommand(
+            "systemctl",
+            "cat",
+            "--",
+            QuoteString(unit),
+            ">/dev/null",
+            "2>&1",
+            "&&",
+            "echo",
+            "yes",
+            "||",
+            "echo",
+            "no",
+        )
+
+    def process(self, output: list[str]) -> bool:
+        return _single(output) == "yes"

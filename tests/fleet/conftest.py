@@ -54,9 +54,13 @@ def run_pyinfra(
     inventory: str = "inventories/local.py",
     env: dict[str, str] | None = None,
 ) -> PyinfraRun:
-    """`pyinfra -y` as a user runs it, from the repo root."""
+    """`pyinfra -y` as a user runs it, from the repo root.
+
+    `--parallel 1`: the hosts share this machine's two cores; one host after the other, the
+    second build is mostly hits in the shared ccache and smoke checks do not compete.
+    """
     result = subprocess.run(
-        [PYINFRA, "-y", *args, inventory, deploy],
+        [PYINFRA, "-y", "--parallel", "1", *args, inventory, deploy],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -85,12 +89,8 @@ def fleet() -> Iterator[Fleet]:
 
 @pytest.fixture(scope="session")
 def deployed(fleet: Fleet) -> PyinfraRun:
-    """The full deploy, run once on fresh hosts (a CPU build: minutes).
-
-    `--parallel 1`: both hosts share this machine's two cores, so building one after the other
-    lets the second hit the shared ccache instead of competing for the same cores.
-    """
-    run = run_pyinfra("deploys/gemma4_mtp.py", "--parallel", "1")
+    """The full deploy, run once on fresh hosts (a CPU build: minutes)."""
+    run = run_pyinfra("deploys/gemma4_mtp.py")
     assert run.returncode == 0, run.output[-4000:]
     return run
 

@@ -62,7 +62,9 @@ def test_a_server_flag_change_restarts_without_rebuild_or_download(
     fleet: Fleet, deployed: PyinfraRun
 ) -> None:
     before = {name: (mtimes(fleet, name), unit_state(fleet, name)) for name in fleet.hosts}
-    run = run_pyinfra("deploys/gemma4_mtp.py", *data_arg("llama_server", {**RECIPE, "threads": 2}))
+    run = run_pyinfra(
+        "deploys/gemma4_mtp.py", *data_arg("llama_server", {**RECIPE, "draft_p_min": 0.25})
+    )
     assert run.returncode == 0, run.output[-3000:]
     changed = run.changed()
     assert any(op.endswith(f"Unit {UNIT}") for op in changed), changed
@@ -73,7 +75,7 @@ def test_a_server_flag_change_restarts_without_rebuild_or_download(
         assert mtimes(fleet, name) == files_before
         assert unit_state(fleet, name)["InvocationID"] != state_before["InvocationID"]
         exec_start = fleet.ssh(name, f"systemctl show -p ExecStart {UNIT}").stdout
-        assert "--threads 2" in exec_start
+        assert "--spec-draft-p-min 0.25" in exec_start
         assert http(fleet, name, "/health").status_code == 200
     back = run_pyinfra("deploys/gemma4_mtp.py")
     assert back.returncode == 0, back.output[-3000:]
