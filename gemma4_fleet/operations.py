@@ -221,11 +221,13 @@ def verify_or_roll_back(
     """
     yield _script(
         'live="/etc/systemd/system/$unit"; saved="$lkg/$unit"; '
-        'healthy() { end=$(( $(date +%s) + $1 )); while [ "$(date +%s)" -lt "$end" ]; do '
+        'restarts() { systemctl show -p NRestarts --value "$unit"; }; '
+        'healthy() { end=$(( $(date +%s) + $1 )); n0="$(restarts)"; '
+        'while [ "$(date +%s)" -lt "$end" ]; do '
         'curl -fsS -o /dev/null "$url" 2>/dev/null && return 0; '
         # A unit that exited (or is cycling through restarts) will not come up: stop waiting.
         'case "$(systemctl show -p ActiveState --value "$unit")" in failed|inactive) return 1;; '
-        'esac; [ "$(systemctl show -p NRestarts --value "$unit")" = 0 ] || return 1; '
+        'esac; [ "$(restarts)" = "$n0" ] || return 1; '
         "sleep 1; done; return 1; }; "
         'reject() { journalctl -u "$unit" -n 15 --no-pager >&2 || true; '
         'if [ -f "$saved" ] && ! cmp -s "$saved" "$live"; then '

@@ -78,13 +78,19 @@ def data_arg(key: str, value: Any) -> list[str]:
 
 @pytest.fixture(scope="session")
 def fleet() -> Iterator[Fleet]:
-    """The default fleet of two hosts that `inventories/local.py` deploys to."""
+    """The default fleet of two hosts that `inventories/local.py` deploys to.
+
+    G4F_KEEP_FLEET=1 (for working on tests) reuses a fleet that is up and leaves it up.
+    """
     fleet = Fleet()
-    fleet.up(2)
+    keep = os.environ.get("G4F_KEEP_FLEET") == "1"
+    if not (keep and len(fleet.hosts) == 2):
+        fleet.up(2)
     try:
         yield fleet
     finally:
-        fleet.down()
+        if not keep:
+            fleet.down()
 
 
 @pytest.fixture(scope="session")
