@@ -285,7 +285,7 @@ def instance_unit(
         **RENDER,
     )
     smoke = smoke_units(config, inst)
-    systemd.daemon_reload(name="systemd daemon-reload", _if=any_changed(unit, *smoke))
+    systemd.daemon_reload(name=f"daemon-reload for {inst.unit}", _if=any_changed(unit, *smoke))
     if smoke:
         timer = inst.smoke_unit.removesuffix(".service") + ".timer"
         systemd.service(name=f"{timer} enabled", service=timer, running=True, enabled=True)
@@ -320,7 +320,7 @@ def instance_unit(
     )
     if smoke:
         files.get(
-            name=f"{inst.name} smoke report to the controller",
+            name=f"{inst.unit} smoke report to the controller",
             src=smoke_report(inst, "json"),
             dest=str(report_dir() / host.name / f"{inst.name}.json"),
             create_local_dir=True,
@@ -359,7 +359,7 @@ def pin_gpu_service(svc: GpuService) -> list[OperationMeta]:
         create_remote_dir=True,
         **RENDER,
     )
-    systemd.daemon_reload(name="systemd daemon-reload", _if=dropin.did_change)
+    systemd.daemon_reload(name=f"daemon-reload for {svc.unit}", _if=dropin.did_change)
     # try-restart: a service that is stopped stays stopped (it is not ours to start).
     server.shell(
         name=f"{svc.unit} restarted (drop-in changed)",

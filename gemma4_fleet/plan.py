@@ -11,8 +11,10 @@ where the budget is ``gpu_memory_mib`` from host data (it wins when given) or th
 (each with its own CUDA context), and headroom is ``vram_headroom_mib``.  ``ctx_size: auto``
 picks the largest multiple of 256 tokens per slot that fits, capped at the target's
 n_ctx_train; a fixed ``ctx_size`` is checked.  Terms come from :mod:`gemma4_fleet.planner` (KV
-exact, compute and CUDA overhead calibrated); the target and the drafter each get their own
-cache types (``-ctk/-ctv`` and ``-ctkd/-ctvd``), the same n_ctx and slots.
+exact, compute derived from llama.cpp's reserve graph, CUDA overhead calibrated); the target and
+the drafter each get their own cache types (``-ctkd/-ctvd`` for the drafter), the same n_ctx and
+slots; a gemma4-assistant drafter's compute buffer follows the target's KV cache, which it reads,
+and a drafter adds the overhead of a second CUDA context.
 
 Rules worth knowing:
 
@@ -39,7 +41,6 @@ from gemma4_fleet.facts import Gpu
 from gemma4_fleet.gguf_meta import ModelMeta, ModelMetaError, read_meta, read_meta_url
 from gemma4_fleet.planner import (
     CTX_PAD,
-    CUDA_OVERHEAD_BYTES,
     MIB,
     CacheOptions,
     GpuLayers,
@@ -287,11 +288,12 @@ class _Usage:
     weights: int
     kv: int
     compute: int
+    overhead: int  # CUDA context(s): one per llama_context
 
     @property
     def total(self) -> int:
         """This instance's own bytes on the GPU, CUDA context included."""
-        return self.weights + self.kv + self.compute + CUDA_OVERHEAD_BYTES
+        return self.weights + self.kv + self.compute + self.overhead
 
 
 @dataclass(frozen=True)
@@ -316,24 +318,17 @@ def _caches(inst: Instance) -> tuple[CacheOptions, CacheOptions]:
 def _usage(inst: Instance, models: _Models, n_ctx: int) -> _Usage:
     """GPU bytes of target + drafter at n_ctx (each model with its own cache types and layers)."""
     target_cache, draft_cache = _caches(inst)
-    target = plan_gpu(
+    plan = plan_gpu(
         models.target,
         n_ctx=n_ctx,
         cache=target_cache,
         budget_mib=0,
         gpu_layers=_layers(inst.gpu_layers),
+        drafter=models.drafter,
+        drafter_gpu_layers=_layers(inst.draft_gpu_layers),
+        draft_cache=draft_cache,
     )
-    weights, kv, compute = target.weights, target.kv, target.compute
-    if models.drafter is not None:
-        draft = plan_gpu(
-            models.drafter,
-            n_ctx=n_ctx,
-            cache=draft_cache,
-            budget_mib=0,
-            gpu_layers=_layers(inst.draft_gpu_layers),
-        )
-        weights, kv, compute = weights + draft.weights, kv + draft.kv, compute + draft.compute
-    return _Usage(target.n_ctx, weights, kv, compute)
+    return _Usage(plan.n_ctx, plan.weights, plan.kv, plan.compute, plan.overhead)
 
 
 def _largest_fit(inst: Instance, models: _Models, available: int) -> _Usage | None:
@@ -513,7 +508,7 @@ class _Host:
                     weights=own.weights,
                     kv=own.kv,
                     compute=own.compute,
-                    overhead=CUDA_OVERHEAD_BYTES,
+                    overhead=own.overhead,
                     tenants=(*services, *others),
                     headroom=headroom,
                     budget=budget_mib * MIB,

@@ -1,8 +1,9 @@
 """GPU memory plan for one llama-server: weights, KV cache, compute buffer, CUDA overhead.
 
 Pure functions over :class:`~gemma4_fleet.gguf_meta.ModelMeta`; no I/O.  The KV cache size is
-exact (it reproduces llama-server's ``llama_kv_cache: size = ...`` lines); the compute buffer and
-CUDA overhead are calibrated estimates (see ``compute_buffer_bytes``).
+exact (it reproduces llama-server's ``llama_kv_cache: size = ...`` lines); the compute buffer is
+derived from llama.cpp's worst-case graph with one fitted constant (see ``compute_buffer_bytes``,
+within 1 MiB of every logged H100 size); the CUDA overhead is calibrated.
 """
 
 from __future__ import annotations
@@ -36,19 +37,16 @@ SPEC_TYPES = ("draft-simple", "draft-mtp")
 SPEC_VOCAB_MAX_SIZE_DIFFERENCE = 128
 
 # --- calibration of what is not computable from the GGUF ------------------------------------
-# Source: llama-server at this llama.cpp pin on an H100 (CUDA 13), a 12B-class gemma3-shaped model
-# (48 layers, n_embd 3840, vocab 262208), -np 1, -ctk q8_0 -ctv q8_0, -fa on:
-#   CUDA0 compute buffer 123.05 MiB at -c 8192 and 609.05 MiB at -c 65536;
-#   nvidia-smi process memory minus the sum of the CUDA0 buffers (model + KV + compute) was about
-#   590 MiB at both sizes (CUDA context, cuBLAS workspace, memory pools).
-# Compute model: a + b * n_ctx * n_embd, the line through both points:
-#   b = (609.05 - 123.05) MiB / ((65536 - 8192) * 3840) = 2.3143 bytes per (cell * n_embd)
-#   a = 123.05 MiB - b * 8192 * 3840                        = 53.62 MiB
-# It reproduces the two points exactly; other shapes (n_embd, -np > 1, the drafter's own context)
-# are extrapolations of this single calibration.
-_COMPUTE_PER_CELL_EMBD = (609.05 - 123.05) * MIB / ((65536 - 8192) * 3840)
-_COMPUTE_BASE = 123.05 * MIB - _COMPUTE_PER_CELL_EMBD * 8192 * 3840
+# CUDA context, cuBLAS workspace and memory pools: nvidia-smi's process memory minus the sum of the
+# logged CUDA0 buffers (model + KV + compute) of llama-server at this pin on an H100 (CUDA 13):
+# about 590 MiB for a 12B-class gemma3 model at -c 8192 and 65536; 594 MiB for the synthetic 12B
+# gemma4 target at -c 8192/32768/65536 and 588.5 MiB for the tiny one (docs/gpu-proof.md).
 CUDA_OVERHEAD_BYTES = 590 * MIB
+# A drafter is a second llama_context in the same process (common/speculative.cpp): its own CUDA
+# streams, cuBLAS handle and pool.  docs/gpu-proof.md, measured - logged with and without
+# `-md ASSISTANT --spec-type draft-mtp`: 603.5 - 594.0 = 9.6 MiB (12B pair, -c 8192 and 65536),
+# 600.8 - 588.5 = 12.3 MiB (tiny pair); rounded to 10 MiB.
+DRAFT_CONTEXT_OVERHEAD_BYTES = 10 * MIB
 
 GpuLayers = int | Literal["all"]
 
@@ -270,9 +268,125 @@ def weight_bytes_on_gpu(meta: ModelMeta, gpu_layers: GpuLayers = "all") -> int:
     return total
 
 
-def compute_buffer_bytes(meta: ModelMeta, n_ctx: int) -> int:
-    """Estimated CUDA compute buffer: a + b * n_ctx * n_embd (calibration above)."""
-    return round(_COMPUTE_BASE + _COMPUTE_PER_CELL_EMBD * n_ctx * meta.embedding_length)
+# --- compute buffer ---------------------------------------------------------------------------
+# llama_context::sched_reserve (src/llama-context.cpp) reserves the worst-case graph -- a prompt
+# ubatch of T = min(n_ctx, n_ubatch) tokens over the *whole* KV cache (memory->init_full(), so
+# n_kv = all cells) -- and logs ggml_backend_sched_get_buffer_size() as "CUDA0 compute buffer
+# size".  ggml-alloc (ggml/src/ggml-alloc.c) places the graph's intermediate tensors in one buffer;
+# the size is its high-water mark: what is live (or a hole nothing fits in) below the largest
+# block, plus that block.  In bytes, f32 activations:
+#
+#   compute = mask + base + max(attention block, FFN block)
+#
+# * mask: build_attn_inp_kq_mask (src/llama-graph.cpp) is an input [n_kv, T], f16 with flash
+#   attention ("flash attention requires an f16 mask"), f32 without, created on the host and
+#   copied into CUDA0 at the start of the split (ggml_backend_sched_split_graph in
+#   ggml/src/ggml-backend.cpp), so it sits at the bottom until the last full-attention layer:
+#   2 * T bytes per full-attention cell (the CUDA_Host buffer grows by the same 1024 B per cell).
+# * attention block of the widest full-attention layer: build_attn_mha -> ggml_flash_attn_ext.
+#   The CUDA buffer type sizes that node with ggml_cuda_flash_attn_ext_get_alloc_size
+#   (ggml/src/ggml-cuda/fattn.cu; ggml_cuda_flash_attn_ext_get_f16_extra_data in fattn-common.cuh):
+#   its f32 output [head_dim_v, n_head, T] plus, for the MMA/tile kernels a prompt batch uses, an
+#   f16 copy of K and of V when the cache type is not f16: n_kv * n_head_kv * head_dim * 2 bytes
+#   each, times the streams (-np without --kv-unified).  q8_0 cache, 4 KV heads * 512:
+#   2 * 2 * 2048 B + the 2 * 512 B mask = the 9216 B per cell both logged slopes show.  Without
+#   flash attention it is the f32 KQ matrix [n_kv, T, n_head] instead (derived, not measured).
+#   The SWA layers' block (over the SWA cells) counts too, it only wins at tiny contexts.
+# * FFN block: build_ffn (LLM_FFN_GELU, LLM_FFN_PAR) holds ffn_up, ffn_gate and
+#   ggml_geglu_split(gate, up) [n_ff, T] at once (GLU is not in ggml_op_can_inplace): 3 * 4 * T *
+#   n_ff.  It sets the buffer at short contexts (12B target at -c 8192: 90 MiB > 16 + 64 MiB).
+# * base: 4 * T * (q + n_in) + the SWA mask (2 * T per SWA cell) + 0.4 MiB, where q = the widest
+#   n_head * head_dim (Qcur, live while the attention block is allocated); n_in = 2 * n_embd for a
+#   target (the residual stream and the slot of the input-embedding copy), embedding_length_out
+#   for a gemma4-assistant (the target's hidden state it takes as input, its own residual being
+#   narrow).  The n_in counts and the 0.4 MiB (small inputs, 128-byte alignment, fragmentation)
+#   are fitted to the logs; the rest is derived.
+#
+# Predicted vs logged MiB, every CUDA0 compute line of docs/gpu-proof/run-*.txt (H100, -fa on,
+# -ctk/-ctv q8_0, -np 1) and the earlier H100 calibration run of a gemma3-shaped 12B:
+#   synthetic 12B gemma4 target, -c 8192 / 32768 / 65536:  130.90 / 336.90 / 624.90
+#                                                 logged:  131.80 / 337.80 / 625.80
+#   its assistant (cells = the target's), -c 8192 / 65536:  97.40 / 601.40  (97.78 / 601.78)
+#   synthetic tiny target / assistant, -c 8192:             11.90 / 11.78   (11.01 / 11.13)
+#   gemma3-shaped 12B, -c 8192 / 65536:                    122.90 / 608.90  (123.05 / 609.05)
+_COMPUTE_SLACK = round(0.4 * MIB)
+_FALLBACK_FF_PER_EMBD = 4  # n_ff when the GGUF has no attn_q/ffn_up pair to infer it from
+
+
+def _feed_forward_length(meta: ModelMeta) -> int:
+    """n_ff: ffn_up [n_embd, n_ff] and attn_q [n_embd, n_head * head_dim] of a layer are quantized
+    alike (Q4_K_M, Q8_0, the synthetic Q4_0), so n_ff = n_head * head_dim * bytes(ffn_up) /
+    bytes(attn_q); the widest layer counts.  Fallback: 4 * n_embd."""
+    n_ff = 0
+    for il in range(meta.block_count):
+        up = meta.tensor_bytes.get(f"blk.{il}.ffn_up.weight")
+        q = meta.tensor_bytes.get(f"blk.{il}.attn_q.weight")
+        if up and q:
+            n_ff = max(n_ff, _q_width(meta, il) * up // q)
+    return n_ff or _FALLBACK_FF_PER_EMBD * meta.embedding_length
+
+
+def _q_width(meta: ModelMeta, il: int) -> int:
+    swa = meta.sliding_window > 0 and meta.swa_layers[il]
+    return meta.head_count[il] * (meta.key_length_swa if swa else meta.key_length)
+
+
+def _swa_cells(meta: ModelMeta, cells_full: int, cache: CacheOptions, ubatch: int) -> int:
+    """SWA cells per stream (llama_kv_cache_iswa), 0 without SWA layers."""
+    if meta.sliding_window <= 0 or not any(meta.swa_layers):
+        return 0
+    if cache.swa_full:
+        return cells_full
+    window = meta.sliding_window * (cache.parallel if cache.unified else 1) + ubatch
+    return _pad(min(cells_full, window))
+
+
+def compute_buffer_bytes(
+    meta: ModelMeta,
+    *,
+    n_ctx: int,
+    cache: CacheOptions,
+    kv_from: ModelMeta | None = None,
+) -> int:
+    """CUDA0 compute buffer of ``meta``'s context at -c n_ctx (the model above this function).
+
+    ``kv_from``: the model whose KV cache the attention reads, with ``cache`` its options -- a
+    gemma4-assistant reads its target's (so its buffer grows with the target's context and the
+    target's KV widths); default ``meta`` itself.
+    """
+    kv_meta = kv_from or meta
+    streams, cells = kv_cells(n_ctx, parallel=cache.parallel, unified=cache.unified)
+    ubatch = min(cache.n_ubatch, n_ctx)  # sched_reserve: min(n_ctx, n_ubatch) tokens
+    cells_swa = _swa_cells(meta, cells, cache, ubatch)
+    mask_per_cell = ubatch * (2 if cache.flash_attn else 4)
+
+    def copies(type_name: str, width: int) -> int:  # f16 copy of a non-f16 K or V, per cell
+        return 2 * width if type_name != "f16" else 0
+
+    attention = 0
+    for il in range(meta.block_count):
+        swa = cells_swa > 0 and meta.swa_layers[il]
+        n_kv = cells_swa if swa else cells
+        out = (
+            4 * ubatch * meta.head_count[il] * (meta.value_length_swa if swa else meta.value_length)
+        )
+        if cache.flash_attn:
+            owner = [i for i in range(kv_meta.block_count) if kv_meta.swa_layers[i] == swa]
+            w_k = max((kv_meta.head_count_kv[i] for i in owner), default=0)
+            w_v = w_k * (kv_meta.value_length_swa if swa else kv_meta.value_length)
+            w_k *= kv_meta.key_length_swa if swa else kv_meta.key_length
+            per_cell = streams * (copies(cache.type_k, w_k) + copies(cache.type_v, w_v))
+        else:
+            per_cell = 4 * ubatch * meta.head_count[il]  # KQ, f32
+        attention = max(attention, out + n_kv * per_cell)
+    ffn = 3 * 4 * ubatch * _feed_forward_length(meta)
+    q = max(_q_width(meta, il) for il in range(meta.block_count))
+    if meta.architecture == "gemma4-assistant":
+        n_in = meta.embedding_length_out
+    else:
+        n_in = 2 * meta.embedding_length
+    base = 4 * ubatch * (q + n_in) + cells_swa * mask_per_cell + _COMPUTE_SLACK
+    return cells * mask_per_cell + base + max(attention, ffn)
 
 
 def plan_gpu(
@@ -285,40 +399,50 @@ def plan_gpu(
     gpu_layers: GpuLayers = "all",
     drafter: ModelMeta | None = None,
     drafter_gpu_layers: GpuLayers = "all",
+    draft_cache: CacheOptions | None = None,
 ) -> GpuPlan:
     """GPU bytes for target (+ drafter, same process and n_ctx) at -c n_ctx; never raises on fit.
 
     KV of layers left on the CPU stays on the CPU (offload_kqv follows each layer's device).  The
-    drafter's context has the target's n_ctx and cache options (common/speculative.cpp); its
-    compute buffer uses the same calibrated formula with its n_embd.
+    drafter's context has the target's n_ctx and slots (common/speculative.cpp) and its own cache
+    types (``draft_cache``, -ctkd/-ctvd; default ``cache``).  A gemma4-assistant has no KV of its
+    own: its attention reads the target's cache, so its compute buffer is sized over the target's
+    cells, KV widths and cache types.  A drafter adds a second CUDA context
+    (DRAFT_CONTEXT_OVERHEAD_BYTES).
     """
+    draft_cache = draft_cache or cache
     streams, cells = kv_cells(n_ctx, parallel=cache.parallel, unified=cache.unified)
     weights = kv = compute = 0
-    for meta, layers in ((target, gpu_layers), (drafter, drafter_gpu_layers)):
+    models = ((target, gpu_layers, cache), (drafter, drafter_gpu_layers, draft_cache))
+    for meta, layers, opts in models:
         if meta is None:
             continue
         size = kv_cache_bytes(
             meta,
             n_ctx=n_ctx,
-            parallel=cache.parallel,
-            unified=cache.unified,
-            type_k=cache.type_k,
-            type_v=cache.type_v,
-            flash_attn=cache.flash_attn,
-            n_ubatch=cache.n_ubatch,
-            swa_full=cache.swa_full,
+            parallel=opts.parallel,
+            unified=opts.unified,
+            type_k=opts.type_k,
+            type_v=opts.type_v,
+            flash_attn=opts.flash_attn,
+            n_ubatch=opts.n_ubatch,
+            swa_full=opts.swa_full,
         )
         on_gpu, _ = _offload(meta, layers)
         weights += weight_bytes_on_gpu(meta, layers)
         kv += sum(b for b, g in zip(size.layer_bytes, on_gpu, strict=True) if g)
-        compute += compute_buffer_bytes(meta, streams * cells)
+        if meta is drafter and meta.architecture == "gemma4-assistant":
+            compute += compute_buffer_bytes(meta, n_ctx=n_ctx, cache=cache, kv_from=target)
+        else:
+            compute += compute_buffer_bytes(meta, n_ctx=n_ctx, cache=opts)
+    overhead = CUDA_OVERHEAD_BYTES + (DRAFT_CONTEXT_OVERHEAD_BYTES if drafter is not None else 0)
     return GpuPlan(
         n_ctx=streams * cells,
         budget=budget_mib * MIB,
         weights=weights,
         kv=kv,
         compute=compute,
-        overhead=CUDA_OVERHEAD_BYTES,
+        overhead=overhead,
         reserved=reserve_mib * MIB,
     )
 
@@ -333,6 +457,7 @@ def fit_ctx(
     gpu_layers: GpuLayers = "all",
     drafter: ModelMeta | None = None,
     drafter_gpu_layers: GpuLayers = "all",
+    draft_cache: CacheOptions | None = None,
 ) -> GpuPlan:
     """The plan for a fixed ctx, or for "auto" the largest ctx that fits.
 
@@ -351,6 +476,7 @@ def fit_ctx(
             gpu_layers=gpu_layers,
             drafter=drafter,
             drafter_gpu_layers=drafter_gpu_layers,
+            draft_cache=draft_cache,
         )
 
     n_ctx_train = target.context_length

@@ -44,7 +44,8 @@ def _results(output: str) -> dict[str, tuple[int, int, int]]:
             if not match:
                 break
             counts = tuple(0 if v == "-" else int(v) for v in match.groups()[2:])
-            table[match.group(1)] = (counts[0], counts[1], counts[2])
+            if match.group(1) != "Grand total":
+                table[match.group(1)] = (counts[0], counts[1], counts[2])
     return table
 
 

@@ -23,7 +23,7 @@ def unit_state(fleet: Fleet, name: str) -> dict[str, str]:
 def mtimes(fleet: Fleet, name: str) -> str:
     return fleet.ssh(
         name,
-        "stat -c '%n %Y' /opt/llama.cpp/builds/*/bin/llama-server /var/lib/llama-models/*.gguf",
+        "stat -c '%n %Y' /opt/llama.cpp/builds/*/bin/llama-server /var/lib/llama-models/*/*.gguf",
     ).stdout
 
 

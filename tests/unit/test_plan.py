@@ -36,6 +36,7 @@ from gemma4_fleet.plan import (
 )
 from gemma4_fleet.planner import (
     CUDA_OVERHEAD_BYTES,
+    DRAFT_CONTEXT_OVERHEAD_BYTES,
     MIB,
     CacheOptions,
     compute_buffer_bytes,
@@ -204,8 +205,11 @@ def test_auto_ctx_is_the_largest_multiple_of_256_that_fits(
     row = plan.of("gemma4")
     assert row.kv == kv_tiny(ctx)
     assert row.weights == weight_bytes_on_gpu(target) + weight_bytes_on_gpu(drafter)
-    assert row.compute == compute_buffer_bytes(target, ctx) + compute_buffer_bytes(drafter, ctx)
-    assert row.overhead == CUDA_OVERHEAD_BYTES
+    # the assistant reads the target's KV cache: its compute buffer is sized over the target's
+    target_compute = compute_buffer_bytes(target, n_ctx=ctx, cache=Q8)
+    draft_compute = compute_buffer_bytes(drafter, n_ctx=ctx, cache=Q8, kv_from=target)
+    assert row.compute == target_compute + draft_compute
+    assert row.overhead == CUDA_OVERHEAD_BYTES + DRAFT_CONTEXT_OVERHEAD_BYTES
     assert row.tenants == (Tenant("whisper.service", reserve * MIB),)
     assert row.headroom == HEADROOM_MIB * MIB and row.budget == budget_mib * MIB
     assert row.free == budget_mib * MIB - (
@@ -238,7 +242,7 @@ def test_fixed_ctx_that_fits_passes_through(gemma3_270m: Path, meta_270m: ModelM
     row = plan_host(HOST, config, [], meta_for_model).of("gemma3")
     assert row.ctx == 4000  # what goes into --ctx-size; llama.cpp pads the cache to 4096
     assert row.kv == kv_270m(4096)
-    assert row.compute == compute_buffer_bytes(meta_270m, 4096)
+    assert row.compute == compute_buffer_bytes(meta_270m, n_ctx=4096, cache=Q8)
     assert row.weights == weight_bytes_on_gpu(meta_270m)
 
 
@@ -258,7 +262,7 @@ def test_fixed_ctx_over_budget_is_refused_with_the_breakdown(
     )
     weights = weight_bytes_on_gpu(meta_270m)
     kv = kv_270m(32768)
-    compute = compute_buffer_bytes(meta_270m, 32768)
+    compute = compute_buffer_bytes(meta_270m, n_ctx=32768, cache=Q8)
     used = weights + kv + compute + CUDA_OVERHEAD_BYTES + HEADROOM_MIB * MIB
     for part in (
         f"weights {_mib(weights)}",
@@ -380,7 +384,7 @@ def test_instances_and_services_sharing_a_gpu(
     small_total = (
         weight_bytes_on_gpu(meta_270m)
         + kv_270m(4096)
-        + compute_buffer_bytes(meta_270m, 4096)
+        + compute_buffer_bytes(meta_270m, n_ctx=4096, cache=Q8)
         + CUDA_OVERHEAD_BYTES
     )
     big_total = big.weights + big.kv + big.compute + big.overhead
@@ -584,7 +588,7 @@ def test_cli_json_and_table(project: Path, meta_270m: ModelMeta) -> None:
     expected = fit_ctx(meta_270m, ctx="auto", cache=Q8, budget_mib=1200 - 256)
     weights = weight_bytes_on_gpu(meta_270m)
     kv = kv_270m(expected.n_ctx)
-    compute = compute_buffer_bytes(meta_270m, expected.n_ctx)
+    compute = compute_buffer_bytes(meta_270m, n_ctx=expected.n_ctx, cache=Q8)
     free = 1200 * MIB - (weights + kv + compute + CUDA_OVERHEAD_BYTES + 256 * MIB)
 
     done = _cli(project, "plan", "inventories/fleet.py", "--limit", "box-a,box-b", "--json")

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
+from gemma4_fleet import synthetic
 from gemma4_fleet.gguf_meta import ModelMeta, read_meta
 from gemma4_fleet.planner import (
+    CUDA_OVERHEAD_BYTES,
+    DRAFT_CONTEXT_OVERHEAD_BYTES,
     MIB,
     CacheOptions,
     PairingError,
@@ -177,9 +181,11 @@ def test_kv_matches_h100_logs_of_a_12b_model() -> None:
 
 
 def test_compute_and_overhead_reproduce_the_h100_calibration() -> None:
+    # logged CUDA0 compute buffer of a gemma3-shaped 12B on an H100: 123.05 MiB at -c 8192 (the
+    # FFN block sets it), 609.05 MiB at -c 65536 (the attention block)
     meta = _meta()
-    assert abs(compute_buffer_bytes(meta, 8192) / MIB - 123.05) < 0.01
-    assert abs(compute_buffer_bytes(meta, 65536) / MIB - 609.05) < 0.01
+    assert abs(compute_buffer_bytes(meta, n_ctx=8192, cache=Q8_FA) / MIB - 123.05) < 1
+    assert abs(compute_buffer_bytes(meta, n_ctx=65536, cache=Q8_FA) / MIB - 609.05) < 1
     # nvidia-smi: 7554 MiB at -c 8192, 9944 MiB at -c 65536 (model CUDA0 6314.36 MiB)
     meta = _with_gpu_weights(meta, round(6314.36 * MIB), round(540.13 * MIB))
     for n_ctx, smi_mib in ((8192, 7554), (65536, 9944)):
@@ -187,6 +193,159 @@ def test_compute_and_overhead_reproduce_the_h100_calibration() -> None:
         assert abs(plan.weights / MIB - 6314.36) < 0.01
         assert abs(plan.used / MIB - smi_mib) < 1
         assert plan.fits
+
+
+# --- the H100 proof run of the synthetic gemma4 pairs (docs/gpu-proof.md) -----------------------
+# Expected values are parsed from the raw server logs in docs/gpu-proof/run-*.txt: the
+# `sched_reserve: CUDA0 compute buffer size` lines (the target's first, then the drafter's, logged
+# twice for one allocation) and the server PID's nvidia-smi used_memory.
+PROOF_DIR = Path(__file__).resolve().parents[2] / "docs" / "gpu-proof"
+PROOF_RUNS = ("none-8k", "none-32k", "none-64k", "mtp-8k", "mtp-64k", "tiny-none-8k", "tiny-mtp-8k")
+COMPUTE_TOLERANCE_MIB = 1.0  # per logged compute buffer
+TOTAL_TOLERANCE = 0.005  # predicted used vs nvidia-smi, relative
+
+
+def _proof_run(name: str) -> tuple[str, int, bool, list[float], int]:
+    """(shape, -c, with drafter, logged CUDA0 compute MiB (target[, drafter]), nvidia-smi MiB)."""
+    text = (PROOF_DIR / f"run-{name}.txt").read_text()
+    command = text.split("## command\n", 1)[1].splitlines()[0]
+    shape = re.search(r"gemma4-synthetic-(\w+)-target\.gguf", command)
+    ctx = re.search(r" -c (\d+) ", command)
+    pid = re.search(r"\(server pid (\d+)\)\n\1, (\d+)\n", text)
+    assert shape and ctx and pid, name
+    compute = [
+        float(m)
+        for m in re.findall(r"sched_reserve: +CUDA0 compute buffer size = +([\d.]+) MiB", text)
+    ]
+    drafter = " -md " in command
+    if drafter:
+        assert len(compute) == 3 and compute[1] == compute[2], name  # one allocation, two lines
+        compute = compute[:2]
+    return shape.group(1), int(ctx.group(1)), drafter, compute, int(pid.group(2))
+
+
+def _header_only_pair(
+    out: Path, shape: Literal["tiny", "12b"], tokenizer: Path
+) -> tuple[Path, Path]:
+    """The GGUF headers (no tensor data) of synthetic.write_pair(shape): all read_meta needs; the
+    device's files are byte-identical to write_pair's (docs/gpu-proof/gen-*.txt)."""
+    spec = synthetic.shape_spec(shape)
+    records, tokens = synthetic._tokenizer_records(tokenizer)
+    favoured, _ = synthetic._pick_tokens(tokens)
+    files = (
+        (
+            out / f"{shape}-target.gguf",
+            [*synthetic._target_kvs(shape, spec), *records],
+            synthetic._target_tensors(0, spec, len(tokens), favoured),
+        ),
+        (
+            out / f"{shape}-assistant.gguf",
+            [*synthetic._assistant_kvs(shape, spec, spec.n_embd), *records],
+            synthetic._assistant_tensors(0, spec, len(tokens), favoured, spec.n_embd),
+        ),
+    )
+    for path, kvs, tensors in files:
+        with path.open("wb") as fh:
+            fh.write(struct.pack("<IIQQ", 0x46554747, 3, len(tensors), len(kvs)))
+            for record in kvs:
+                fh.write(record)
+            offset = 0
+            for t in tensors:
+                ne = tuple(reversed(t.shape))
+                fh.write(struct.pack("<Q", len(t.name)) + t.name.encode())
+                fh.write(struct.pack("<I", len(ne)) + struct.pack(f"<{len(ne)}Q", *ne))
+                fh.write(struct.pack("<IQ", t.qtype, offset))
+                offset += -(-t.nbytes // 32) * 32
+    return files[0][0], files[1][0]
+
+
+@pytest.fixture(scope="module")
+def proof_metas(
+    tmp_path_factory: pytest.TempPathFactory, gemma3_270m: Path
+) -> dict[str, tuple[ModelMeta, ModelMeta]]:
+    out = tmp_path_factory.mktemp("proof")
+    metas = {}
+    for shape in ("tiny", "12b"):
+        target, drafter = _header_only_pair(out, shape, gemma3_270m)
+        metas[shape] = (read_meta(target), read_meta(drafter))
+    return metas
+
+
+def test_headers_give_the_proof_runs_weights(
+    proof_metas: dict[str, tuple[ModelMeta, ModelMeta]],
+) -> None:
+    # load_tensors: CUDA0 model buffer size = 6449.25 / 188.65 / 9.15 / 4.52 MiB (tensor padding)
+    logged = {"12b": (6449.25, 188.65), "tiny": (9.15, 4.52)}
+    for shape, (target, drafter) in proof_metas.items():
+        for meta, mib in zip((target, drafter), logged[shape], strict=True):
+            assert abs(mib - weight_bytes_on_gpu(meta) / MIB) < 0.07
+
+
+@pytest.mark.parametrize("name", PROOF_RUNS)
+def test_compute_and_total_match_the_gpu_proof_runs(
+    name: str, proof_metas: dict[str, tuple[ModelMeta, ModelMeta]]
+) -> None:
+    shape, n_ctx, with_drafter, logged, smi_mib = _proof_run(name)
+    target, drafter = proof_metas[shape]
+    predicted = [compute_buffer_bytes(target, n_ctx=n_ctx, cache=Q8_FA)]
+    if with_drafter:
+        # the assistant has no KV of its own: its buffer is sized over the target's cells
+        predicted.append(compute_buffer_bytes(drafter, n_ctx=n_ctx, cache=Q8_FA, kv_from=target))
+    assert len(predicted) == len(logged)
+    for bytes_, mib in zip(predicted, logged, strict=True):
+        assert abs(bytes_ / MIB - mib) < COMPUTE_TOLERANCE_MIB, (bytes_ / MIB, mib)
+
+    plan = plan_gpu(
+        target,
+        n_ctx=n_ctx,
+        cache=Q8_FA,
+        budget_mib=81559,
+        drafter=drafter if with_drafter else None,
+    )
+    assert plan.compute == sum(predicted)
+    overhead = CUDA_OVERHEAD_BYTES + (DRAFT_CONTEXT_OVERHEAD_BYTES if with_drafter else 0)
+    assert plan.overhead == overhead
+    assert abs(plan.used / MIB - smi_mib) / smi_mib < TOTAL_TOLERANCE, (plan.used / MIB, smi_mib)
+
+
+def test_assistant_compute_grows_with_the_targets_context(
+    proof_metas: dict[str, tuple[ModelMeta, ModelMeta]],
+) -> None:
+    # logged: 97.78 MiB at -c 8192, 601.78 MiB at -c 65536 -> 9216 bytes per target cell: f16
+    # copies of the target's q8_0 K and V (4 KV heads x 512) and the 512-token f16 mask
+    (_, _, _, small, _), (_, _, _, big, _) = _proof_run("mtp-8k"), _proof_run("mtp-64k")
+    logged_slope = (big[1] - small[1]) * MIB / (65536 - 8192)
+    assert round(logged_slope) == 2 * 2 * (4 * 512) + 2 * 512
+    target, drafter = proof_metas["12b"]
+
+    def draft(n_ctx: int) -> int:
+        return compute_buffer_bytes(drafter, n_ctx=n_ctx, cache=Q8_FA, kv_from=target)
+
+    assert (draft(65536) - draft(8192)) / (65536 - 8192) == 9216
+    # the target's buffer has the same slope where the attention block sets it (32768 -> 65536)
+    (_, _, _, mid, _), (_, _, _, top, _) = _proof_run("none-32k"), _proof_run("none-64k")
+    assert round((top[0] - mid[0]) * MIB / 32768) == 9216
+    grow = compute_buffer_bytes(target, n_ctx=65536, cache=Q8_FA)
+    assert grow - compute_buffer_bytes(target, n_ctx=32768, cache=Q8_FA) == 32768 * 9216
+
+
+def test_cache_type_and_flash_attn_set_the_slope() -> None:
+    meta = _meta()  # full-attention layers: 8 KV heads x 256 = 2048 wide K and V
+
+    def slope(cache: CacheOptions) -> float:
+        grow = compute_buffer_bytes(meta, n_ctx=65536, cache=cache)
+        return (grow - compute_buffer_bytes(meta, n_ctx=32768, cache=cache)) / 32768
+
+    # q8_0: f16 copies of K and V for the flash-attention kernel + the f16 mask of 512 tokens
+    assert slope(Q8_FA) == 2 * 2 * 2048 + 2 * 512
+    assert slope(CacheOptions(type_k="bf16", type_v="q4_0")) == 2 * 2 * 2048 + 2 * 512
+    # an f16 cache is read in place: only the mask grows
+    assert slope(CacheOptions(type_k="f16", type_v="f16")) == 2 * 512
+    # -np 2: the copies cover both streams of 32768 / 2 cells, the mask [n_kv, 512] once
+    two = CacheOptions(parallel=2, type_k="q8_0", type_v="q8_0")
+    assert slope(two) == (2 * 2 * 2 * 2048 + 2 * 512) / 2
+    # without flash attention: the f32 mask and the f32 KQ [n_kv, 512, 16 heads]
+    assert slope(CacheOptions(flash_attn=False)) == 4 * 512 + 4 * 512 * 16
 
 
 def test_gemma4_shared_layers_and_padded_v_without_flash_attention() -> None:
