@@ -170,7 +170,7 @@ class SmokeConfig(_Model):
     min_tps: Annotated[float, Field(ge=0)] | None = None
     min_acceptance: Annotated[float, Field(ge=0, le=1)] | None = None
     n_predict: Annotated[int, Field(ge=8, le=4096)] = 128
-    on_calendar: str = "hourly"
+    on_calendar: Annotated[str, Field(pattern=r"^[A-Za-z0-9 :*,./~-]+$")] = "hourly"
     randomized_delay_sec: Annotated[int, Field(ge=0)] = 600
 
 

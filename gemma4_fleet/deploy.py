@@ -381,6 +381,7 @@ def smoke_units(config: HostConfig, inst: Instance) -> list[OperationMeta]:
         instance=inst,
         exec_start=exec_start(smoke_argv(config, inst)),
         state_dir=SMOKE_STATE_DIR,
+        service_user=config.service_user,
         gpu=inst.gpu is not None,
         **RENDER,
     )
@@ -459,8 +460,9 @@ def print_fleet_table(since: float) -> None:
 def redeploy_unit(name: str) -> None:
     """Re-render and restart one llama-server instance or one pinned GPU service, nothing else.
 
-    No build, no download, no other unit: a unit that needs a new build or model fails its
-    flag check (run the full deploy for that).
+    No build, no download, no other unit. A unit whose build is not installed fails its flag
+    check, one whose model is not placed fails its health check and is rolled back: run the
+    full deploy for those.
 
     + name: an instance name ("gemma4"), its unit, or a `gpu_services` unit
     """

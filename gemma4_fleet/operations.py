@@ -115,6 +115,8 @@ def build(config: HostConfig, cuda_architectures: list[int]) -> Commands:
     root = config.build.install_root
     yield _script(
         'set -f; [ -z "$ccache" ] || export CCACHE_DIR="$ccache"; jobs="${jobs:-$(nproc)}"; '
+        # NVIDIA's installers put nvcc here without adding it to PATH.
+        'export PATH="$PATH:/usr/local/cuda/bin"; '
         'mkdir -p "$root/build" "$root/builds"; '
         'scratch="$root/build/$id"; stage="$root/builds/$id.partial"; '
         'cmake -S "$root/src" -B "$scratch" -G Ninja $options >"$root/build/$id.log" 2>&1 || '
@@ -168,7 +170,7 @@ def model_file(dest: str, model: ModelFile) -> Commands:
     saves re-hashing large files on every run.
 
     + dest: final path on the host
-    + model: the catalogue entry (url or controller path, sha256)
+    + model: the catalogue entry (url or controller path, sha256, optional size)
     """
     stamp = host.get_fact(ModelFileStamp, path=dest)
     if stamp is not None:
@@ -183,7 +185,12 @@ def model_file(dest: str, model: ModelFile) -> Commands:
     yield _script(
         'tmp="$dest.partial"; mkdir -p "$(dirname "$dest")"; '
         'if [ -f "$dest" ] && [ "$(sha256sum <"$dest" | cut -d" " -f1)" = "$want" ]; then '
-        'rm -f "$tmp"; else ' + fetch + '; got="$(sha256sum <"$tmp" | cut -d" " -f1)"; '
+        'rm -f "$tmp"; else ' + fetch + "; "
+        # A wrong size fails before hashing gigabytes.
+        'if [ -n "$size" ] && [ "$(stat -c %s "$tmp")" != "$size" ]; then rm -f "$tmp"; '
+        'echo "size mismatch for $dest: got $(stat -c %s "$tmp" 2>/dev/null || echo 0), '
+        'expected $size" >&2; exit 1; fi; '
+        'got="$(sha256sum <"$tmp" | cut -d" " -f1)"; '
         'if [ "$got" != "$want" ]; then rm -f "$tmp"; '
         'echo "sha256 mismatch for $dest: got $got, expected $want" >&2; exit 1; fi; '
         'chmod 0644 "$tmp"; mv -f "$tmp" "$dest"; fi; '
@@ -191,6 +198,7 @@ def model_file(dest: str, model: ModelFile) -> Commands:
         dest=dest,
         want=model.sha256,
         url=model.url or "",
+        size=str(model.size or ""),
     )
 
 

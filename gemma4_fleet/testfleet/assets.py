@@ -25,8 +25,10 @@ class AssetError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Root of everything large the project caches; G4F_CACHE overrides the default."""
-    path = Path(os.environ.get("G4F_CACHE", "/var/cache/gemma4-fleet"))
+    """Root of everything large the project caches; G4F_CACHE overrides the default
+    (/var/cache/gemma4-fleet as root, ~/.cache/gemma4-fleet otherwise)."""
+    default = "/var/cache/gemma4-fleet" if os.geteuid() == 0 else "~/.cache/gemma4-fleet"
+    path = Path(os.environ.get("G4F_CACHE", default)).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -73,8 +73,9 @@ def test_timer_is_installed_and_its_service_writes_fresh_metrics(
     fleet.ssh(name, f"systemctl start {SMOKE}.service")
     after = prom_families(fleet, name)["gemma4_smoke_last_run_timestamp_seconds"].samples[0]
     assert after.value > before.value
-    user = fleet.ssh(name, f"systemctl show -p User,DynamicUser {SMOKE}.service").stdout
-    assert "DynamicUser=yes" in user
+    user = fleet.ssh(name, f"systemctl show -p User {SMOKE}.service").stdout
+    assert user.strip() == "User=llama"
+    assert fleet.ssh(name, f"stat -c %a {PROM}").stdout.strip() == "644"
 
 
 def test_a_busy_slot_is_skipped_not_queued(fleet: Fleet, deployed: PyinfraRun) -> None:
