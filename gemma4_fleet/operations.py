@@ -218,8 +218,9 @@ def verify_or_roll_back(
 
     Accepted when /health answers 200 within `timeout` (503 "Loading model" is waited out) and
     the smoke check passes (or is skipped because a user holds the slot); the unit file then
-    becomes the last-known-good. Otherwise the last-known-good unit (whose binary and models
-    are kept on disk) is put back and restarted, and the host fails with the reason.
+    becomes the last-known-good (with its smoke unit). Otherwise the last-known-good units
+    (whose binary and models are kept on disk) are put back and restarted, and the host fails
+    with the reason.
 
     + unit: the llama-server unit
     + health_url: e.g. http://127.0.0.1:8080/health
@@ -238,10 +239,13 @@ def verify_or_roll_back(
         'esac; [ "$(restarts)" = "$n0" ] || return 1; '
         "sleep 1; done; return 1; }; "
         'reject() { journalctl -u "$unit" -n 15 --no-pager >&2 || true; '
-        'if [ -f "$saved" ] && ! cmp -s "$saved" "$live"; then '
-        'cp "$saved" "$live"; systemctl daemon-reload; systemctl restart "$unit" || true; '
+        'if [ -f "$saved" ] && ! cmp -s "$saved" "$live"; then cp "$saved" "$live"; '
+        # The smoke unit goes back too: it names the commit and model it expects.
+        '[ -z "$smoke" ] || [ ! -f "$lkg/$smoke" ] || cp "$lkg/$smoke" /etc/systemd/system/; '
+        'systemctl daemon-reload; systemctl restart "$unit" || true; '
         'if healthy 60; then back="rolled back to last-known-good, serving again"; '
         'else back="rolled back to last-known-good, but it is not healthy either"; fi; '
+        'elif [ -f "$saved" ]; then back="the live unit is the last-known-good one"; '
         'else back="no last-known-good to roll back to"; fi; '
         'echo "$unit: $1; $back" >&2; exit 1; }; '
         'healthy "$timeout" || reject "no /health 200 within $timeout s '
@@ -250,7 +254,8 @@ def verify_or_roll_back(
         "why=$(python3 -c 'import json, sys; "
         'print("; ".join(json.load(open(sys.argv[1]))["reasons"]))\' "$report" 2>&1); '
         'reject "smoke check failed: $why"; fi; '
-        'mkdir -p "$lkg"; cp "$live" "$saved"',
+        'mkdir -p "$lkg"; cp "$live" "$saved"; '
+        '[ -z "$smoke" ] || cp "/etc/systemd/system/$smoke" "$lkg/"',
         unit=unit,
         url=health_url,
         timeout=str(timeout),
