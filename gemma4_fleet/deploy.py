@@ -93,6 +93,7 @@ def fleet_configs() -> dict[str, tuple[HostConfig, HostPlan]]:
             name: state.inventory.get_host(name).get_fact(NvidiaGpus) if config.build.cuda else []
             for name, config in configs.items()
         }
+        configs = {name: with_gpu_architectures(c, gpus[name]) for name, c in configs.items()}
         try:
             plans = plan_fleet(configs, gpus)
         except ConfigError as exc:
@@ -140,11 +141,16 @@ def toolchain(config: HostConfig) -> None:
         )
 
 
-def cuda_architectures(config: HostConfig, gpus: list[Gpu]) -> list[int]:
-    """Explicit architectures, else this host's GPUs' (build for them only: no PTX JIT)."""
-    if config.build.cuda_architectures:
-        return sorted(set(config.build.cuda_architectures))
-    return sorted({gpu.cuda_architecture for gpu in gpus})
+def with_gpu_architectures(config: HostConfig, gpus: list[Gpu]) -> HostConfig:
+    """Unset CUDA architectures become this host's GPUs' (build for them only: no PTX JIT).
+
+    They are part of the build id, so a GPU of another generation means a new build.
+    """
+    if not config.build.cuda or config.build.cuda_architectures or not gpus:
+        return config
+    archs = sorted({gpu.cuda_architecture for gpu in gpus})
+    build = config.build.model_copy(update={"cuda_architectures": archs})
+    return config.model_copy(update={"build": build})
 
 
 @deploy("llama.cpp build")
@@ -153,8 +159,7 @@ def llama_cpp(config: HostConfig) -> OperationMeta:
 
     Nothing is fetched or built when that build directory is already complete.
     """
-    archs = cuda_architectures(config, host.get_fact(NvidiaGpus)) if config.build.cuda else []
-    if config.build.cuda and not archs:
+    if config.build.cuda and not config.build.cuda_architectures:
         g4f.fail(
             name="CUDA architectures",
             reason=(
@@ -174,9 +179,7 @@ def llama_cpp(config: HostConfig) -> OperationMeta:
         commit=config.llamacpp.commit,
         _if=missing,
     )
-    return g4f.build(
-        name=f"Build llama.cpp {config.build_id}", config=config, cuda_architectures=archs
-    )
+    return g4f.build(name=f"Build llama.cpp {config.build_id}", config=config)
 
 
 @deploy("Models")

@@ -79,7 +79,7 @@ def source(src_dir: str, git_url: str, commit: str) -> Commands:
     )
 
 
-def cmake_options(config: HostConfig, cuda_architectures: list[int]) -> list[str]:
+def cmake_options(config: HostConfig) -> list[str]:
     """CMake cache options for a portable build of just the server tools."""
     options = [
         "-DCMAKE_BUILD_TYPE=Release",
@@ -92,7 +92,7 @@ def cmake_options(config: HostConfig, cuda_architectures: list[int]) -> list[str
         "-DLLAMA_USE_PREBUILT_UI=OFF",  # the prebuilt UI download fails offline
     ]
     if config.build.cuda:
-        archs = ";".join(str(a) for a in cuda_architectures)
+        archs = ";".join(str(a) for a in config.build.cuda_architectures or [])
         options += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={archs}"]
     else:
         options.append("-DGGML_CUDA=OFF")
@@ -100,14 +100,13 @@ def cmake_options(config: HostConfig, cuda_architectures: list[int]) -> list[str
 
 
 @operation()
-def build(config: HostConfig, cuda_architectures: list[int]) -> Commands:
+def build(config: HostConfig) -> Commands:
     """Build llama-server and llama-bench into the versioned directory of this config.
 
     The build happens in a scratch folder; only a finished build is renamed into place, so a
     failed build leaves the previous one (which the unit still points at) serving.
 
     + config: the host's validated configuration (commit, build options, install root)
-    + cuda_architectures: CMAKE_CUDA_ARCHITECTURES values (ignored for CPU builds)
     """
     if host.get_fact(LlamaCppBuildInfo, build_dir=config.build_dir) is not None:
         host.noop(f"llama.cpp build {config.build_id} already installed")
@@ -132,7 +131,7 @@ def build(config: HostConfig, cuda_architectures: list[int]) -> Commands:
         root=root,
         id=config.build_id,
         commit=config.llamacpp.commit,
-        options=" ".join(cmake_options(config, cuda_architectures)),
+        options=" ".join(cmake_options(config)),
         jobs=str(config.build.jobs or ""),
         ccache=config.build.ccache_dir or "",
     )

@@ -1,0 +1,82 @@
+"""GPU inventory parsing and what follows from it: CUDA architectures, GPU UUIDs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pyinfra.api import FactProcessError
+
+from gemma4_fleet.config import parse_host_config
+from gemma4_fleet.deploy import gpu_uuid, with_gpu_architectures
+from gemma4_fleet.facts import NvidiaGpus, parse_nvidia_smi
+from tests.unit.test_config import host_data
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[2]
+# Recorded on the H100 device (docs/gpu-proof/nvidia-smi-query-gpu.csv).
+H100 = (ROOT / "docs" / "gpu-proof" / "nvidia-smi-query-gpu.csv").read_text().splitlines()
+# Seed 003's two-GPU box (a 4090 and a 3090), in the same CSV format as the recorded line.
+TWO_GPUS = [
+    "0, GPU-5e1c2a7b-8f41-4c9e-9d0a-3b6f1e2d4c5a, NVIDIA GeForce RTX 4090, 24564, 12180, 8.9",
+    "1, GPU-9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d, NVIDIA GeForce RTX 3090, 24576, 3021, 8.6",
+]
+
+
+def test_one_gpu_recorded_on_an_h100_maps_to_architecture_90() -> None:
+    (gpu,) = parse_nvidia_smi(H100)
+    assert gpu.index == 0
+    assert gpu.uuid.startswith("GPU-") and len(gpu.uuid) == 40
+    assert gpu.name == "NVIDIA H100 80GB HBM3"
+    assert gpu.memory_total_mib == 81559
+    assert (gpu.compute_cap, gpu.cuda_architecture) == ("9.0", 90)
+
+
+def test_two_gpus() -> None:
+    gpus = parse_nvidia_smi(TWO_GPUS)
+    assert [(g.index, g.cuda_architecture, g.memory_used_mib) for g in gpus] == [
+        (0, 89, 12180),
+        (1, 86, 3021),
+    ]
+    assert gpu_uuid("1", gpus) == gpus[1].uuid
+    assert gpu_uuid(gpus[0].uuid, gpus) == gpus[0].uuid
+    assert gpu_uuid("2", gpus) == ""
+    assert gpu_uuid(None, gpus) is None
+
+
+def test_no_nvidia_tools_means_no_gpus() -> None:
+    assert parse_nvidia_smi([]) == []
+    assert NvidiaGpus.default() == []
+    # Without nvidia-smi a UUID cannot be checked: it is taken as given, an index is not.
+    assert gpu_uuid("GPU-00000000-0000-0000-0000-000000000001", []) == (
+        "GPU-00000000-0000-0000-0000-000000000001"
+    )
+    assert gpu_uuid("0", []) == ""
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "0, GPU-5e1c2a7b, NVIDIA GeForce RTX 4090, 24564, 12180",  # a column missing
+        "0, GPU-5e1c2a7b, NVIDIA GeForce RTX 4090, [N/A], 12180, 8.9",  # not a number
+        "zero, GPU-5e1c2a7b, NVIDIA GeForce RTX 4090, 24564, 12180, 8.9",
+        "0, 5e1c2a7b, NVIDIA GeForce RTX 4090, 24564, 12180, 8.9",  # not a UUID
+        "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.",
+    ],
+)
+def test_malformed_output_is_a_clear_error(line: str) -> None:
+    with pytest.raises(FactProcessError, match="unexpected nvidia-smi line"):
+        parse_nvidia_smi([TWO_GPUS[0], line])
+
+
+def test_detected_architectures_are_part_of_the_build_id() -> None:
+    config = parse_host_config("box1", host_data())
+    on_4090 = with_gpu_architectures(config, parse_nvidia_smi(TWO_GPUS[:1]))
+    on_both = with_gpu_architectures(config, parse_nvidia_smi(TWO_GPUS))
+    assert on_4090.build.cuda_architectures == [89]
+    assert on_both.build.cuda_architectures == [86, 89]
+    assert on_4090.build_id != on_both.build_id
+    pinned = parse_host_config(
+        "box1", host_data(llamacpp_build={"cuda": True, "cuda_architectures": [120]})
+    )
+    assert with_gpu_architectures(pinned, parse_nvidia_smi(TWO_GPUS)).build_id == pinned.build_id
