@@ -28,7 +28,6 @@ whole tensor in float32) and copies the tokenizer's key/value records verbatim.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import mmap
 import os
@@ -45,6 +44,8 @@ import numpy.typing as npt
 from gguf import GGMLQuantizationType as QType
 from gguf import GGUFValueType
 from gguf.quants import quantize as gguf_quantize
+
+from gemma4_fleet.testfleet.assets import sha256_file
 
 __all__ = [
     "ASSISTANT_ARCH",
@@ -652,14 +653,6 @@ def write_pair(
     return SyntheticPair(target=target, drafter=drafter)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: write a pair and print each path with its sha256."""
     parser = argparse.ArgumentParser(
@@ -684,7 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         drafter_agrees=not args.disagreeing,
     )
     for path in (pair.target, pair.drafter):
-        sys.stdout.write(f"{path}  sha256={_sha256(path)}\n")
+        sys.stdout.write(f"{path}  sha256={sha256_file(path)}\n")
     return 0
 
 

@@ -42,18 +42,7 @@ def sha256_file(path: Path) -> str:
 
 
 def _pip_download(spec: str, dest: Path, *extra: str) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "-q",
-        "--no-deps",
-        "-d",
-        str(dest),
-        *extra,
-        spec,
-    ]
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "-d", str(dest), *extra, spec]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise AssetError(f"pip download {spec} failed: {result.stderr.strip()[-2000:]}")
@@ -67,19 +56,7 @@ def gemma3_270m_path() -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
         wheels = Path(tmp) / "wheels"
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "-q",
-            "-d",
-            str(wheels),
-            GEMMA3_270M_PACKAGE,
-        ]
-        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise AssetError(f"pip download {GEMMA3_270M_PACKAGE} failed: {result.stderr[-2000:]}")
+        _pip_download(GEMMA3_270M_PACKAGE, wheels)
         site = Path(tmp) / "site"
         cmd = [
             sys.executable,
@@ -115,7 +92,7 @@ def llama_cpp_source() -> Path:
     if marker.exists():
         return root
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        _pip_download(LLAMA_CPP_PYTHON, Path(tmp), "--no-binary", ":all:")
+        _pip_download(LLAMA_CPP_PYTHON, Path(tmp), "--no-deps", "--no-binary", ":all:")
         (sdist,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
         prefix = sdist.name.removesuffix(".tar.gz") + "/vendor/llama.cpp/"
         unpacked = Path(tmp) / "src"
