@@ -436,23 +436,26 @@ def collected_reports(since: float) -> list[Path]:
 
 
 def print_fleet_table(since: float) -> None:
-    """One line per host/instance from the smoke reports this run collected."""
+    """One line per host/instance (re)started in this run: unit, model, build, health, smoke."""
     rows = []
     for path in collected_reports(since):
         r = json.loads(path.read_text())
         tps = (r.get("tokens_per_second") or {}).get("median")
         acceptance = r.get("acceptance")
+        health = r.get("health") or {}
         rows.append(
             (
                 path.parent.name,
-                r.get("instance", path.stem),
+                f"llama-server-{r.get('instance', path.stem)}",
+                Path(r.get("model_path") or "-").name,
+                r.get("build_info") or "-",
+                "200" if health.get("ok") else str(health.get("status_code") or "down"),
                 "-" if tps is None else f"{tps:.1f}",
                 "-" if acceptance is None else f"{acceptance:.2f}",
-                r.get("build_info") or "-",
                 r.get("status", "?"),
             )
         )
-    header = ("host", "instance", "tok/s", "acceptance", "build", "status")
+    header = ("host", "unit", "model", "build", "health", "tok/s", "acceptance", "smoke")
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     print("--> Fleet smoke table")
     for row in [header, *rows]:

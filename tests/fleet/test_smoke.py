@@ -48,7 +48,8 @@ def test_deploy_prints_the_fleet_table_and_collects_reports(
     assert "Fleet smoke table" in deployed.output
     for name in fleet.hosts:
         line = next(row for row in deployed.output.splitlines() if row.strip().startswith(name))
-        assert "gemma3" in line and "pass" in line
+        assert "llama-server-gemma3" in line and "gemma-3-270m-q4_k_m.gguf" in line
+        assert line.split()[-1] == "pass" and " 200 " in line
         collected = json.loads((ROOT / "out" / "smoke" / name / "gemma3.json").read_text())
         assert collected["status"] == "pass"
         assert collected["build_info"].endswith(fleet.mirror_commit[:7])
