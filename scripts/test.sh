@@ -6,4 +6,4 @@ bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-.venv/bin/pytest -m "unit or fleet" "$@"
+.venv/bin/pytest -m "unit or fleet" --durations=10 "$@"
