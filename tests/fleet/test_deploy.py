@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from gemma4_fleet.testfleet.hosts import Fleet
+from gemma4_fleet.testfleet.inventory import demo_data
 from tests.fleet.conftest import ROOT, PyinfraRun, data_arg, http, run_pyinfra
 
 pytestmark = pytest.mark.fleet
@@ -111,3 +112,32 @@ def test_bad_config_is_refused_before_any_host_is_touched(
     for name in fleet.hosts:
         assert f"host {name}: llama_instances[gemma3].cache_type_k" in run.output
     assert "Starting operation" not in run.output
+
+
+def test_a_failed_build_leaves_the_old_build_serving(fleet: Fleet, deployed: PyinfraRun) -> None:
+    name = "g4f-node1"
+    before = unit_state(fleet, name)
+    build = demo_data(fleet.mirror_url, fleet.mirror_commit)["llamacpp_build"]
+    broken = {**build, "cmake_flags": ["-DCMAKE_CXX_COMPILER=/nonexistent/c++"]}
+    run = run_pyinfra("deploys/gemma4_mtp.py", "--limit", name, *data_arg("llamacpp_build", broken))
+    assert run.returncode != 0
+    assert "Build llama.cpp" in run.output and "/nonexistent/c++" in run.output
+    assert unit_state(fleet, name) == before
+    assert http(fleet, name, "/health").status_code == 200
+    builds = fleet.ssh(name, "ls /opt/llama.cpp/builds").stdout.split()
+    assert len(builds) == 1 and not builds[0].endswith(".partial")
+
+
+def test_a_bad_model_never_replaces_the_good_one(fleet: Fleet, deployed: PyinfraRun) -> None:
+    name = "g4f-node1"
+    before = (unit_state(fleet, name), mtimes(fleet, name))
+    demo = demo_data(fleet.mirror_url, fleet.mirror_commit)
+    wrong = "0" * 64  # the mirror's file does not have this checksum
+    models = {key: {**model, "sha256": wrong} for key, model in demo["llama_models"].items()}
+    run = run_pyinfra("deploys/gemma4_mtp.py", "--limit", name, *data_arg("llama_models", models))
+    assert run.returncode != 0
+    assert "sha256 mismatch" in run.output
+    assert (unit_state(fleet, name), mtimes(fleet, name)) == before
+    leftovers = fleet.ssh(name, "find /var/lib/llama-models -name '*.partial'").stdout
+    assert leftovers == ""
+    assert http(fleet, name, "/health").status_code == 200
