@@ -186,41 +186,44 @@ class HostConfig(_Model):
     vram_headroom_mib: Annotated[int, Field(ge=0)] = 512
     smoke: SmokeConfig = SmokeConfig()
 
-    @model_validator(mode="after")
-    def _references(self) -> HostConfig:
-        names, ports = set(), set()
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        """(host-data field, problem) for rules that span fields: references, clashes."""
+        problems, names, ports = [], set(), set()
         for inst in self.instances:
+            field = f"llama_instances[{inst.name}]"
             if inst.name in names:
-                raise ValueError(f"instance name {inst.name!r} is used twice")
+                problems.append((f"{field}.name", f"instance name {inst.name!r} is used twice"))
             if inst.port in ports:
-                raise ValueError(f"instance {inst.name}: port {inst.port} is used twice")
+                problems.append((f"{field}.port", f"port {inst.port} is used twice"))
             names.add(inst.name)
             ports.add(inst.port)
             for role, ref in (("target", inst.target), ("drafter", inst.drafter)):
-                if ref is None:
-                    continue
-                model = self.models.get(ref)
-                if model is None:
-                    raise ValueError(f"instance {inst.name}: {role} {ref!r} is not in llama_models")
-                if model.role != role:
-                    raise ValueError(
-                        f"instance {inst.name}: {ref!r} has role {model.role}, used as {role}"
+                model = self.models.get(ref) if ref else None
+                if ref and model is None:
+                    problems.append((f"{field}.{role}", f"{ref!r} is not in llama_models"))
+                elif model is not None and model.role != role:
+                    problems.append(
+                        (f"{field}.{role}", f"{ref!r} has role {model.role}, used as {role}")
                     )
             if inst.gpu is not None and not self.build.cuda:
-                raise ValueError(f"instance {inst.name}: gpu {inst.gpu} set but build.cuda is off")
+                problems.append(
+                    (f"{field}.gpu", f"gpu {inst.gpu} set but llamacpp_build.cuda is off")
+                )
         llama_gpus = {inst.gpu for inst in self.instances if inst.gpu is not None}
-        units = set()
+        units: set[str] = set()
         for svc in self.gpu_services:
+            field = f"gpu_services[{svc.unit}]"
             if svc.unit in units or svc.unit in {inst.unit for inst in self.instances}:
-                raise ValueError(f"gpu service {svc.unit} is listed twice or is a llama-server")
+                problems.append((field, "listed twice, or it is a llama-server unit"))
             units.add(svc.unit)
             if svc.gpu in llama_gpus and not svc.share_gpu_with_llama:
-                raise ValueError(
-                    f"gpu service {svc.unit} is on GPU {svc.gpu}, which llama-server uses; move "
-                    "it to another GPU or set share_gpu_with_llama: true (its vram_reserve_mib "
-                    "then counts in that GPU's budget)"
+                why = (
+                    f"GPU {svc.gpu} is one llama-server uses; move {svc.unit} to another GPU or"
+                    " set share_gpu_with_llama: true (its vram_reserve_mib then counts in that"
+                    " GPU's budget)"
                 )
-        return self
+                problems.append((f"{field}.gpu", why))
+        return problems
 
     def model_path(self, name: str) -> str:
         """Models live under their checksum: a new version never overwrites the file a running
@@ -301,7 +304,7 @@ def parse_host_config(host_name: str, data: Mapping[str, Any]) -> HostConfig:
         if field != "instances" and data.get(key) is not None:
             raw[field] = data[key]
     try:
-        return HostConfig.model_validate(raw)
+        config = HostConfig.model_validate(raw)
     except ValidationError as exc:
         lines = [
             f"host {host_name}: {_field_path(tuple(err['loc']), raw)}: {err['msg']}"
@@ -309,3 +312,8 @@ def parse_host_config(host_name: str, data: Mapping[str, Any]) -> HostConfig:
             for err in exc.errors()
         ]
         raise ConfigError("invalid configuration\n  " + "\n  ".join(lines)) from None
+    problems = config.cross_field_problems()
+    if problems:
+        lines = [f"host {host_name}: {field}: {problem}" for field, problem in problems]
+        raise ConfigError("invalid configuration\n  " + "\n  ".join(lines))
+    return config

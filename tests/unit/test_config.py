@@ -130,23 +130,26 @@ def test_bad_input_names_host_and_field(change: dict[str, Any], field: str, word
 
 def test_references_and_duplicates() -> None:
     missing = host_data(llama_instances=[{"name": "x", "target": "nope", "drafter": "d"}])
-    assert "target 'nope' is not in llama_models" in error_of(missing)
+    assert "host box1: llama_instances[x].target: 'nope' is not in llama_models" in error_of(
+        missing
+    )
     swapped = host_data(llama_instances=[{"name": "x", "target": "d", "drafter": "t"}])
-    assert "'d' has role drafter, used as target" in error_of(swapped)
+    assert "llama_instances[x].target: 'd' has role drafter, used as target" in error_of(swapped)
     twice = host_data(
         llama_instances=[
             {"name": "x", "target": "t", "drafter": "d", "gpu": "0"},
             {"name": "y", "target": "t", "drafter": "d", "gpu": "1"},
         ]
     )
-    assert "port 8080 is used twice" in error_of(twice)
+    assert "llama_instances[y].port: port 8080 is used twice" in error_of(twice)
     cpu = host_data(llamacpp_build={"cuda": False})
-    assert "gpu 0 set but build.cuda is off" in error_of(cpu)
+    assert "llama_instances[gemma4].gpu: gpu 0 set but llamacpp_build.cuda is off" in error_of(cpu)
 
 
 def test_gpu_service_on_the_llama_gpu_needs_explicit_sharing() -> None:
     data = host_data(gpu_services=[{"unit": "whisper-server.service", "gpu": "0"}])
-    assert "whisper-server.service is on GPU 0, which llama-server uses" in error_of(data)
+    message = error_of(data)
+    assert "gpu_services[whisper-server.service].gpu: GPU 0 is one llama-server uses" in message
     data["gpu_services"][0]["share_gpu_with_llama"] = True
     assert parse_host_config("box1", data).gpu_services[0].share_gpu_with_llama
 
