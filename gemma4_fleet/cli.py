@@ -109,7 +109,7 @@ def _plan(args: argparse.Namespace) -> int:
         try:
             configs[host.name] = parse_host_config(host.name, host_data_of(host.data.get))
         except ConfigError as exc:
-            errors.append(str(exc))
+            errors += str(exc).splitlines()
     gpus: dict[str, Any] = {}
     if args.from_hosts:
         wanted = [h for h in hosts if h.name in configs and _uses_gpu(configs[h.name])]
@@ -207,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except (FleetError, ConfigError) as exc:
-        print(f"gemma4-fleet: {exc}", file=sys.stderr)
+        lines = str(exc).splitlines()
+        if len(lines) > 1:  # one line per host and field
+            lines = ["invalid configuration", *(f"  {line}" for line in lines)]
+        print(f"gemma4-fleet: {lines[0]}", *lines[1:], sep="\n", file=sys.stderr)
         return 1
     return code
 

@@ -311,9 +311,9 @@ def parse_host_config(host_name: str, data: Mapping[str, Any]) -> HostConfig:
             + (f" (got {err['input']!r})" if not isinstance(err["input"], dict | list) else "")
             for err in exc.errors()
         ]
-        raise ConfigError("invalid configuration\n  " + "\n  ".join(lines)) from None
+        raise ConfigError("\n".join(lines)) from None
     problems = config.cross_field_problems()
     if problems:
         lines = [f"host {host_name}: {field}: {problem}" for field, problem in problems]
-        raise ConfigError("invalid configuration\n  " + "\n  ".join(lines))
+        raise ConfigError("\n".join(lines))
     return config

@@ -88,7 +88,7 @@ def fleet_configs() -> dict[str, tuple[HostConfig, HostPlan]]:
             except ConfigError as exc:
                 errors.append(str(exc))
         if errors:
-            raise FleetConfigError("\n".join(errors))
+            raise FleetConfigError(_invalid(errors))
         gpus = {
             name: state.inventory.get_host(name).get_fact(NvidiaGpus) if config.build.cuda else []
             for name, config in configs.items()
@@ -97,9 +97,14 @@ def fleet_configs() -> dict[str, tuple[HostConfig, HostPlan]]:
         try:
             plans = plan_fleet(configs, gpus)
         except ConfigError as exc:
-            raise FleetConfigError(str(exc)) from None
+            raise FleetConfigError(_invalid([str(exc)])) from None
         _configs[state] = {name: (configs[name], plans[name]) for name in configs}
     return _configs[state]
+
+
+def _invalid(errors: list[str]) -> str:
+    lines = [line for error in errors for line in error.splitlines()]
+    return "invalid configuration\n  " + "\n  ".join(lines)
 
 
 def host_config() -> tuple[HostConfig, HostPlan]:
