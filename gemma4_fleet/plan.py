@@ -49,6 +49,7 @@ from gemma4_fleet.planner import (
     check_pairing,
     kv_cache_bytes,
     kv_cells,
+    largest_ctx,
     plan_gpu,
 )
 from gemma4_fleet.testfleet.assets import cache_dir
@@ -334,17 +335,12 @@ def _usage(inst: Instance, models: _Models, n_ctx: int) -> _Usage:
 def _largest_fit(inst: Instance, models: _Models, available: int) -> _Usage | None:
     """The largest ctx (a multiple of 256 per slot, at most n_ctx_train per slot) whose usage
     is within `available` bytes; None when not even 256 per slot fits."""
-    step = CTX_PAD * inst.parallel
-    lo, hi = 1, models.target.context_length // CTX_PAD
-    if _usage(inst, models, step).total > available:
-        return None
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if _usage(inst, models, mid * step).total <= available:
-            lo = mid
-        else:
-            hi = mid - 1
-    return _usage(inst, models, lo * step)
+    best = largest_ctx(
+        CTX_PAD * inst.parallel,
+        models.target.context_length,
+        lambda n_ctx: _usage(inst, models, n_ctx).total <= available,
+    )
+    return None if best is None else _usage(inst, models, best)
 
 
 class _Host:

@@ -8,6 +8,7 @@ within 1 MiB of every logged H100 size); the CUDA overhead is calibrated.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -492,17 +493,27 @@ def fit_ctx(
         return fixed
 
     step = CTX_PAD * (1 if cache.unified else cache.parallel)
-    lo, hi = 1, n_ctx_train // CTX_PAD  # in steps; lo always fits once checked
-    if hi < 1:
+    if n_ctx_train < CTX_PAD:
         raise PlanError(f"n_ctx_train {n_ctx_train} of {target.name} is below {CTX_PAD}")
-    _check_fits(plan(step), f"even the smallest ctx {step}")
+    best = largest_ctx(step, n_ctx_train, lambda n_ctx: plan(n_ctx).fits)
+    if best is None:
+        _check_fits(plan(step), f"even the smallest ctx {step}")
+    return plan(best or step)
+
+
+def largest_ctx(step: int, n_ctx_train: int, fits: Callable[[int], bool]) -> int | None:
+    """The largest multiple of `step` with at most n_ctx_train tokens per slot (a slot is
+    step / CTX_PAD * 256 tokens) for which `fits`, by bisection; None if not even `step` fits."""
+    lo, hi = 1, n_ctx_train // CTX_PAD
+    if hi < 1 or not fits(step):
+        return None
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if plan(mid * step).fits:
+        if fits(mid * step):
             lo = mid
         else:
             hi = mid - 1
-    return plan(lo * step)
+    return lo * step
 
 
 def _check_fits(plan: GpuPlan, what: str) -> None:
