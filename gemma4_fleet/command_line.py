@@ -75,12 +75,11 @@ def smoke_report(inst: Instance, suffix: str) -> str:
 
 def smoke_argv(config: HostConfig, inst: Instance) -> list[str]:
     """The smoke check of one instance: the same command after a deploy and from its timer."""
-    host = "127.0.0.1" if inst.host in ("0.0.0.0", "::") else inst.host
     argv = [
         "/usr/bin/python3",
         SMOKE_SCRIPT,
         "--url",
-        f"http://{host}:{inst.port}",
+        inst.local_url,
         "--instance",
         inst.name,
         "--unit",

@@ -129,8 +129,18 @@ class Instance(ServerSettings):
         return f"llama-server-{self.name}.service"
 
     @property
+    def local_url(self) -> str:
+        """Where checks on the host itself reach the server (a wildcard bind via loopback)."""
+        address = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{address}:{self.port}"
+
+    @property
     def smoke_unit(self) -> str:
         return f"llama-smoke-{self.name}.service"
+
+    @property
+    def smoke_timer(self) -> str:
+        return f"llama-smoke-{self.name}.timer"
 
     @model_validator(mode="after")
     def _recipe_rules(self) -> Instance:

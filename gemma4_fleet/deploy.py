@@ -8,7 +8,7 @@ import time
 import weakref
 from importlib.resources import files as package_files
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pyinfra import host, state
 from pyinfra.api import OperationError, QuoteString, State, StringCommand, deploy
@@ -61,9 +61,17 @@ BUILD_PACKAGES = [
 CUDA_TOOLKIT_PACKAGES = ["nvidia-cuda-toolkit"]
 GPU_DROPIN = "gemma4-fleet-gpu.conf"
 HEALTH_TIMEOUT_S = 900  # the drafter adds load time; a 12B pair from cold disk takes minutes
-_configs: weakref.WeakKeyDictionary[State, dict[str, tuple[HostConfig, HostPlan]]] = (
-    weakref.WeakKeyDictionary()
-)
+
+
+class HostSetup(NamedTuple):
+    """One host's validated config, its VRAM plan and its GPUs (read once per run)."""
+
+    config: HostConfig
+    plan: HostPlan
+    gpus: list[Gpu]
+
+
+_configs: weakref.WeakKeyDictionary[State, dict[str, HostSetup]] = weakref.WeakKeyDictionary()
 
 
 class FleetConfigError(ConfigError, OperationError):
@@ -74,7 +82,7 @@ def template(name: str) -> str:
     return str(package_files("gemma4_fleet") / "templates" / name)
 
 
-def fleet_configs() -> dict[str, tuple[HostConfig, HostPlan]]:
+def fleet_configs() -> dict[str, HostSetup]:
     """Validated configuration and VRAM plan of every host in this run, computed once.
 
     The first host to ask validates them all, so one bad host stops the run before any
@@ -89,16 +97,16 @@ def fleet_configs() -> dict[str, tuple[HostConfig, HostPlan]]:
                 errors.append(str(exc))
         if errors:
             raise FleetConfigError(_invalid(errors))
-        gpus = {
-            name: state.inventory.get_host(name).get_fact(NvidiaGpus) if config.build.cuda else []
-            for name, config in configs.items()
-        }
+        # nvidia-smi once per host and run; empty on a host without NVIDIA tools.
+        gpus = {name: state.inventory.get_host(name).get_fact(NvidiaGpus) for name in configs}
         configs = {name: with_gpu_architectures(c, gpus[name]) for name, c in configs.items()}
         try:
             plans = plan_fleet(configs, gpus)
         except ConfigError as exc:
             raise FleetConfigError(_invalid([str(exc)])) from None
-        _configs[state] = {name: (configs[name], plans[name]) for name in configs}
+        _configs[state] = {
+            name: HostSetup(configs[name], plans[name], gpus[name]) for name in configs
+        }
     return _configs[state]
 
 
@@ -107,12 +115,12 @@ def _invalid(errors: list[str]) -> str:
     return "invalid configuration\n  " + "\n  ".join(lines)
 
 
-def host_config() -> tuple[HostConfig, HostPlan]:
+def host_config() -> HostSetup:
     return fleet_configs()[host.name]
 
 
 @deploy("Build toolchain")
-def toolchain(config: HostConfig) -> None:
+def toolchain(config: HostConfig, gpus: list[Gpu]) -> None:
     """Install missing build packages (no apt update when all are present: hosts may be offline).
 
     With CUDA, the driver and toolkit must be there; the toolkit is installed from the
@@ -128,7 +136,7 @@ def toolchain(config: HostConfig) -> None:
         )
     if not config.build.cuda:
         return
-    if not host.get_fact(NvidiaGpus):
+    if not gpus:
         g4f.fail(
             name="NVIDIA driver",
             reason=(
@@ -244,29 +252,33 @@ def service_basics(config: HostConfig) -> OperationMeta:
 
 @deploy("llama-server units")
 def servers(
-    config: HostConfig, plan: HostPlan, changed: list[OperationMeta]
+    config: HostConfig, plan: HostPlan, gpus: list[Gpu], changed: list[OperationMeta]
 ) -> list[OperationMeta]:
     """Render, check and (re)start one unit per instance; restart only on a change; verify.
 
     + plan: the host's VRAM plan (the context size each instance gets)
+    + gpus: the host's GPUs (for CUDA_VISIBLE_DEVICES by UUID)
     + changed: build/model operations whose change must restart every instance
     """
     results = [service_basics(config)]
     for inst in config.instances:
-        results += instance_unit(config, plan, inst, changed)
+        results += instance_unit(config, plan, inst, gpus, changed)
     return results
 
 
 def instance_unit(
-    config: HostConfig, plan: HostPlan, inst: Instance, changed: list[OperationMeta]
+    config: HostConfig,
+    plan: HostPlan,
+    inst: Instance,
+    gpus: list[Gpu],
+    changed: list[OperationMeta],
 ) -> list[OperationMeta]:
     """One instance's unit, smoke units and timer; (re)start on change, then verify.
 
     A (re)started instance must answer /health and pass its smoke check, else its
     last-known-good unit is restored and the host fails. Returns what may have changed.
     """
-    gpus = host.get_fact(NvidiaGpus) if config.build.cuda else []
-    uuid = gpu_uuid(inst.gpu, gpus)
+    uuid = gpu_uuid(inst.gpu, gpus if config.build.cuda else [])
     if uuid == "":
         g4f.fail(
             name=f"GPU for {inst.name}",
@@ -295,8 +307,9 @@ def instance_unit(
     smoke = smoke_units(config, inst)
     systemd.daemon_reload(name=f"daemon-reload for {inst.unit}", _if=any_changed(unit, *smoke))
     if smoke:
-        timer = inst.smoke_unit.removesuffix(".service") + ".timer"
-        systemd.service(name=f"{timer} enabled", service=timer, running=True, enabled=True)
+        systemd.service(
+            name=f"{inst.smoke_timer} enabled", service=inst.smoke_timer, running=True, enabled=True
+        )
     # Errors here are judged (and rolled back) by the verification below.
     started = systemd.service(
         name=f"{inst.unit} enabled and running",
@@ -312,11 +325,10 @@ def instance_unit(
         _ignore_errors=True,
         _if=lambda: any_changed(unit, *changed)() and not started.did_change(),
     )
-    health = "127.0.0.1" if inst.host in ("0.0.0.0", "::") else inst.host
     verified = g4f.verify_or_roll_back(
         name=f"{inst.unit} healthy and smoke check passed",
         unit=inst.unit,
-        health_url=f"http://{health}:{inst.port}/health",
+        health_url=f"{inst.local_url}/health",
         timeout=HEALTH_TIMEOUT_S,
         smoke_unit=inst.smoke_unit if smoke else None,
         report=smoke_report(inst, "json"),
@@ -338,14 +350,13 @@ def instance_unit(
 
 
 @deploy("GPU services pinned")
-def gpu_services(config: HostConfig) -> list[OperationMeta]:
+def gpu_services(config: HostConfig, gpus: list[Gpu]) -> list[OperationMeta]:
     """Pin each listed GPU service (whisper, TTS) to its GPU with a drop-in; restart on change."""
-    return [op for svc in config.gpu_services for op in pin_gpu_service(svc)]
+    return [op for svc in config.gpu_services for op in pin_gpu_service(svc, gpus)]
 
 
-def pin_gpu_service(svc: GpuService) -> list[OperationMeta]:
+def pin_gpu_service(svc: GpuService, gpus: list[Gpu]) -> list[OperationMeta]:
     """A drop-in setting CUDA_VISIBLE_DEVICES; the service's own unit is never touched."""
-    gpus = host.get_fact(NvidiaGpus)
     uuid = gpu_uuid(svc.gpu, gpus)
     if not host.get_fact(SystemdUnitExists, unit=svc.unit):
         g4f.fail(
@@ -381,7 +392,7 @@ def smoke_units(config: HostConfig, inst: Instance) -> list[OperationMeta]:
     """The oneshot smoke-check service and its timer (the same check the deploy runs)."""
     if not config.smoke.enabled:
         return []
-    timer = inst.smoke_unit.removesuffix(".service") + ".timer"
+    timer = inst.smoke_timer
     service = files.template(
         name=f"Unit {inst.smoke_unit}",
         src=template("llama-smoke.service.j2"),
@@ -413,12 +424,12 @@ def report_dir() -> Path:
 @deploy("Gemma 4 + MTP llama-server")
 def gemma4_mtp() -> None:
     """The whole job for one host: toolchain, build, models, units (config validated first)."""
-    config, plan = host_config()
-    toolchain(config)
+    config, plan, gpus = host_config()
+    toolchain(config, gpus)
     build = llama_cpp(config)
     placed = models(config)
-    changed = servers(config, plan, changed=[build, *placed])
-    gpu_services(config)
+    changed = servers(config, plan, gpus, changed=[build, *placed])
+    gpu_services(config, gpus)
     g4f.prune(
         name="Unused builds and model versions",
         install_root=config.build.install_root,
@@ -477,17 +488,17 @@ def redeploy_unit(name: str) -> None:
 
     + name: an instance name ("gemma4"), its unit, or a `gpu_services` unit
     """
-    config, plan = host_config()
+    config, plan, gpus = host_config()
     if not name:
         raise FleetConfigError(f"host {host.name}: unit: say which, e.g. --data unit=gemma4")
     for inst in config.instances:
         if name in (inst.name, inst.unit, inst.unit.removesuffix(".service")):
             service_basics(config)
-            instance_unit(config, plan, inst, changed=[])
+            instance_unit(config, plan, inst, gpus, changed=[])
             return
     for svc in config.gpu_services:
         if name in (svc.unit, svc.unit.removesuffix(".service")):
-            pin_gpu_service(svc)
+            pin_gpu_service(svc, gpus)
             return
     known = [i.name for i in config.instances] + [s.unit for s in config.gpu_services]
     raise FleetConfigError(

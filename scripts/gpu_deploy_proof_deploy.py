@@ -25,7 +25,7 @@ from gemma4_fleet.command_line import flags_of, server_argv
 from gemma4_fleet.deploy import gpu_uuid, host_config, llama_cpp, models
 from gemma4_fleet.facts import NvidiaGpus
 
-config, plan = host_config()
+config, plan, _ = host_config()
 llama_cpp(config)
 models(config)
 
