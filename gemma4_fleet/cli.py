@@ -14,7 +14,7 @@ from gemma4_fleet.config import ConfigError, HostConfig, host_data_of, parse_hos
 from gemma4_fleet.testfleet.hosts import Fleet, FleetError
 
 if TYPE_CHECKING:
-    from gemma4_fleet.plan import HostPlan
+    from gemma4_fleet.vram_plan import HostPlan
 
 
 def _load_inventory(path: str) -> tuple[Any, Any]:
@@ -117,7 +117,7 @@ def _plan(args: argparse.Namespace) -> int:
         errors += gpu_errors
         configs = {n: c for n, c in configs.items() if n in gpus or not _uses_gpu(c)}
 
-    from gemma4_fleet.plan import PlanConfigError, plan_fleet
+    from gemma4_fleet.vram_plan import PlanConfigError, plan_fleet
 
     plans: dict[str, HostPlan] = {}
     try:

@@ -94,7 +94,7 @@ class ServerSettings(_Model):
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
-    # "auto": the largest multiple of 256 that fits the GPU budget (gemma4_fleet.plan).
+    # "auto": the largest multiple of 256 that fits the GPU budget (gemma4_fleet.vram_plan).
     ctx_size: Annotated[int, Field(ge=256)] | Literal["auto"] = 8192
     cache_type_k: KvType = "q8_0"
     cache_type_v: KvType = "q8_0"

@@ -19,15 +19,6 @@ from pyinfra.operations import apt, files, python, server, systemd
 from pyinfra.operations.util import any_changed
 
 from gemma4_fleet import operations as g4f
-from gemma4_fleet.command_line import (
-    SMOKE_SCRIPT,
-    SMOKE_STATE_DIR,
-    exec_start,
-    flags_of,
-    server_argv,
-    smoke_argv,
-    smoke_report,
-)
 from gemma4_fleet.config import (
     ConfigError,
     GpuService,
@@ -44,7 +35,16 @@ from gemma4_fleet.facts import (
     SystemdUnitExists,
     SystemdVersion,
 )
-from gemma4_fleet.plan import HostPlan, plan_fleet
+from gemma4_fleet.render import (
+    SMOKE_SCRIPT,
+    SMOKE_STATE_DIR,
+    exec_start,
+    flags_of,
+    server_argv,
+    smoke_argv,
+    smoke_report,
+)
+from gemma4_fleet.vram_plan import HostPlan, plan_fleet
 
 BUILD_PACKAGES = [
     "cmake",

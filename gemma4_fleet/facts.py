@@ -8,7 +8,7 @@ from typing import Any
 
 from pyinfra.api import FactBase, FactProcessError, QuoteString, StringCommand
 
-from gemma4_fleet.command_line import parse_help_flags
+from gemma4_fleet.render import parse_help_flags
 
 _MISSING = "G4F-MISSING"
 

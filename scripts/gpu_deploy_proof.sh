@@ -245,7 +245,7 @@ EOF
         mapfile -t SMOKE < <("$PY" - "$R" "$SERVER_PID" "$W/data" <<'EOF'
 import json, sys
 from pathlib import Path
-from gemma4_fleet.command_line import smoke_argv
+from gemma4_fleet.render import smoke_argv
 from gemma4_fleet.config import parse_host_config
 r, pid, data_dir = sys.argv[1:]
 data = {}

@@ -21,9 +21,9 @@ from pathlib import Path
 from pyinfra import host
 
 from gemma4_fleet import operations as g4f
-from gemma4_fleet.command_line import flags_of, server_argv
 from gemma4_fleet.deploy import gpu_uuid, host_config, llama_cpp, models
 from gemma4_fleet.facts import NvidiaGpus
+from gemma4_fleet.render import flags_of, server_argv
 
 config, plan, _ = host_config()
 llama_cpp(config)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gemma4_fleet.gguf_meta import read_meta
-from gemma4_fleet.planner import kv_cache_bytes
+from gemma4_fleet.memory_model import kv_cache_bytes
 from gemma4_fleet.testfleet.hosts import Fleet
 from gemma4_fleet.testfleet.inventory import demo_data
 from tests.fleet.conftest import PyinfraRun, data_arg, run_pyinfra

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from gemma4_fleet.command_line import (
+from gemma4_fleet.config import ConfigError, parse_host_config
+from gemma4_fleet.render import (
     exec_start,
     flags_of,
     parse_help_flags,
     server_argv,
     systemd_quote,
 )
-from gemma4_fleet.config import ConfigError, parse_host_config
 from tests.unit.test_config import SHA, host_data
 
 pytestmark = pytest.mark.unit

@@ -11,7 +11,7 @@ import pytest
 
 from gemma4_fleet import synthetic
 from gemma4_fleet.gguf_meta import ModelMeta, read_meta
-from gemma4_fleet.planner import (
+from gemma4_fleet.memory_model import (
     CUDA_OVERHEAD_BYTES,
     DRAFT_CONTEXT_OVERHEAD_BYTES,
     MIB,

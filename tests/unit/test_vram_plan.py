@@ -26,15 +26,7 @@ import pytest
 from gemma4_fleet.config import ConfigError, HostConfig, ModelFile, parse_host_config
 from gemma4_fleet.facts import Gpu
 from gemma4_fleet.gguf_meta import ModelMeta, read_meta
-from gemma4_fleet.plan import (
-    CPU_AUTO_CTX,
-    HostPlan,
-    Tenant,
-    meta_for_model,
-    plan_fleet,
-    plan_host,
-)
-from gemma4_fleet.planner import (
+from gemma4_fleet.memory_model import (
     CUDA_OVERHEAD_BYTES,
     DRAFT_CONTEXT_OVERHEAD_BYTES,
     MIB,
@@ -47,6 +39,14 @@ from gemma4_fleet.planner import (
 from gemma4_fleet.synthetic import SyntheticPair, shape_spec, write_pair
 from gemma4_fleet.testfleet.assets import GEMMA3_270M_SHA256
 from gemma4_fleet.testfleet.mirrors import RangeRequestHandler
+from gemma4_fleet.vram_plan import (
+    CPU_AUTO_CTX,
+    HostPlan,
+    Tenant,
+    meta_for_model,
+    plan_fleet,
+    plan_host,
+)
 
 pytestmark = pytest.mark.unit
 

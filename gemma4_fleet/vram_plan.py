@@ -10,7 +10,7 @@ where the budget is ``gpu_memory_mib`` from host data (it wins when given) or th
 ``vram_reserve_mib`` of ``gpu_services`` on that GPU plus the other llama-server instances there
 (each with its own CUDA context), and headroom is ``vram_headroom_mib``.  ``ctx_size: auto``
 picks the largest multiple of 256 tokens per slot that fits, capped at the target's
-n_ctx_train; a fixed ``ctx_size`` is checked.  Terms come from :mod:`gemma4_fleet.planner` (KV
+n_ctx_train; a fixed ``ctx_size`` is checked.  Terms come from :mod:`gemma4_fleet.memory_model` (KV
 exact, compute derived from llama.cpp's reserve graph, CUDA overhead calibrated); the target and
 the drafter each get their own cache types (``-ctkd/-ctvd`` for the drafter), the same n_ctx and
 slots; a gemma4-assistant drafter's compute buffer follows the target's KV cache, which it reads,
@@ -39,7 +39,7 @@ from typing import Any, Literal
 from gemma4_fleet.config import ConfigError, GpuService, HostConfig, Instance, ModelFile
 from gemma4_fleet.facts import Gpu
 from gemma4_fleet.gguf_meta import ModelMeta, ModelMetaError, read_meta, read_meta_url
-from gemma4_fleet.planner import (
+from gemma4_fleet.memory_model import (
     CTX_PAD,
     MIB,
     CacheOptions,
