@@ -3,6 +3,6 @@
 pyinfra inventories/fleet.py deploys/gemma4_mtp.py
 """
 
-from gemma4_fleet.deploy import gemma4_mtp
+from gemma4_fleet.deploys import gemma4_mtp
 
 gemma4_mtp()

@@ -6,6 +6,6 @@ pyinfra inventories/fleet.py deploys/redeploy_unit.py --data unit=whisper-server
 
 from pyinfra import host
 
-from gemma4_fleet.deploy import redeploy_unit
+from gemma4_fleet.deploys import redeploy_unit
 
 redeploy_unit(str(host.data.get("unit", "")))

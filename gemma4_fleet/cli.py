@@ -8,13 +8,13 @@ import os
 import sys
 import time
 from fnmatch import fnmatch
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from gemma4_fleet.config import ConfigError, HostConfig, host_data_of, parse_host_config
-from gemma4_fleet.testfleet.hosts import Fleet, FleetError
+from gemma4_fleet.config import ConfigError, HostConfig
 
 if TYPE_CHECKING:
-    from gemma4_fleet.vram_plan import HostPlan
+    from gemma4_fleet.facts import Gpu
 
 
 def _load_inventory(path: str) -> tuple[Any, Any]:
@@ -62,8 +62,11 @@ def _uses_gpu(config: HostConfig) -> bool:
     return any(inst.gpu is not None for inst in config.instances)
 
 
-def _read_gpus(state: Any, inventory: Any, hosts: list[Any]) -> tuple[dict[str, Any], list[str]]:
-    """The NvidiaGpus fact of each host (connecting with pyinfra), and per-host errors."""
+def _read_gpus(
+    state: Any, inventory: Any, hosts: list[tuple[Any, HostConfig]]
+) -> tuple[dict[str, list[Gpu]], dict[str, str]]:
+    """The NvidiaGpus fact of each host that runs an instance on a GPU (connecting with
+    pyinfra), and why it could not be read, per host."""
     from pyinfra.api import Config
     from pyinfra.api.connect import disconnect_all
     from pyinfra.api.exceptions import PyinfraError
@@ -72,23 +75,24 @@ def _read_gpus(state: Any, inventory: Any, hosts: list[Any]) -> tuple[dict[str, 
 
     from gemma4_fleet.facts import NvidiaGpus
 
-    state.init(inventory, Config(), initial_limit=hosts)
-    gpus: dict[str, Any] = {}
-    errors: list[str] = []
+    wanted = [host for host, config in hosts if _uses_gpu(config)]
+    state.init(inventory, Config(), initial_limit=wanted)
+    gpus: dict[str, list[Gpu]] = {}
+    errors: dict[str, str] = {}
     with ctx_state.use(state):
         try:
-            for host in hosts:  # one by one: nothing here runs under pyinfra's gevent loop
+            for host in wanted:  # one by one: nothing here runs under pyinfra's gevent loop
                 try:
                     host.connect(show_errors=False, raise_exceptions=True)
                     state.activate_host(host)
                     with ctx_host.use(host):
                         found = get_fact(state, host, NvidiaGpus, apply_failed_hosts=False)
                 except (PyinfraError, OSError) as exc:
-                    errors.append(f"host {host.name}: nvidia-smi: cannot read it: {exc}")
+                    errors[host.name] = f"nvidia-smi: cannot read it: {exc}"
                     continue
                 if not found:
-                    errors.append(
-                        f"host {host.name}: nvidia-smi: no NVIDIA GPU found (or no nvidia-smi); "
+                    errors[host.name] = (
+                        "nvidia-smi: no NVIDIA GPU found (or no nvidia-smi); "
                         "set gpu_memory_mib and plan without --from-hosts, or fix the driver"
                     )
                     continue
@@ -99,44 +103,37 @@ def _read_gpus(state: Any, inventory: Any, hosts: list[Any]) -> tuple[dict[str, 
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from gemma4_fleet.pipeline import FleetConfigError, host_setups
+
     state, inventory = _load_inventory(args.inventory)
     hosts = _limit(inventory, args.limit)
     if not hosts:
         raise ConfigError(f"inventory {args.inventory}: no hosts")
-    configs: dict[str, HostConfig] = {}
-    errors: list[str] = []
-    for host in hosts:
-        try:
-            configs[host.name] = parse_host_config(host.name, host_data_of(host.data.get))
-        except ConfigError as exc:
-            errors += str(exc).splitlines()
-    gpus: dict[str, Any] = {}
-    if args.from_hosts:
-        wanted = [h for h in hosts if h.name in configs and _uses_gpu(configs[h.name])]
-        gpus, gpu_errors = _read_gpus(state, inventory, wanted)
-        errors += gpu_errors
-        configs = {n: c for n, c in configs.items() if n in gpus or not _uses_gpu(c)}
-
-    from gemma4_fleet.vram_plan import PlanConfigError, plan_fleet
-
-    plans: dict[str, HostPlan] = {}
+    read = partial(_read_gpus, state, inventory) if args.from_hosts else None
     try:
-        plans = plan_fleet(configs, gpus)
-    except PlanConfigError as exc:
-        errors += exc.errors
-    if errors:
+        setups = host_setups(hosts, read)
+    except FleetConfigError as exc:
         if args.json:
-            print(json.dumps({"errors": errors}, indent=2))
-        raise ConfigError("\n".join(errors))
+            print(json.dumps({"errors": list(exc.errors)}, indent=2))
+        raise
     if args.json:
-        print(json.dumps({"hosts": {n: p.to_json() for n, p in plans.items()}}, indent=2))
+        print(json.dumps({"hosts": {n: s.plan.to_json() for n, s in setups.items()}}, indent=2))
     else:
-        print("\n\n".join(plan.table() for plan in plans.values()))
+        print("\n\n".join(setup.plan.table() for setup in setups.values()))
     return 0
 
 
 def _fleet(args: argparse.Namespace) -> int:
-    fleet = Fleet()
+    # The local test fleet: only this command loads it (the package never needs it).
+    from gemma4_fleet.testfleet.hosts import Fleet, FleetError
+
+    try:
+        return _fleet_action(Fleet(), args)
+    except FleetError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _fleet_action(fleet: Any, args: argparse.Namespace) -> int:
     if args.action == "up":
         began = time.monotonic()
         hosts = fleet.up(args.count)
@@ -206,10 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
-    except (FleetError, ConfigError) as exc:
+    except ConfigError as exc:
         lines = str(exc).splitlines()
-        if len(lines) > 1:  # one line per host and field
-            lines = ["invalid configuration", *(f"  {line}" for line in lines)]
         print(f"gemma4-fleet: {lines[0]}", *lines[1:], sep="\n", file=sys.stderr)
         return 1
     return code

@@ -45,6 +45,16 @@ HOST_DATA_KEYS = {
 }
 
 
+def server_unit(instance_name: str) -> str:
+    """The llama-server unit of an instance ("*" gives the glob of them all)."""
+    return f"llama-server-{instance_name}.service"
+
+
+def smoke_unit(instance_name: str, suffix: str = "service") -> str:
+    """The smoke-check service (or, with suffix "timer", its timer) of an instance."""
+    return f"llama-smoke-{instance_name}.{suffix}"
+
+
 class ConfigError(ValueError):
     """Bad host data: the message names the host and the field."""
 
@@ -90,12 +100,15 @@ class ModelFile(_Model):
 
 
 class ServerSettings(_Model):
-    """llama-server settings; the defaults are the seed 003 recipe (see group_data/all.py)."""
+    """llama-server settings. The defaults are the seed 003 recipe: MTP pays off only at
+    --parallel 1; --fit off because llama.cpp's fit does not count the drafter; q8_0 K/V costs
+    nothing in speed and keeps long-context fidelity. These are the only defaults: host data
+    overrides them."""
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
     # "auto": the largest multiple of 256 that fits the GPU budget (gemma4_fleet.vram_plan).
-    ctx_size: Annotated[int, Field(ge=256)] | Literal["auto"] = 8192
+    ctx_size: Annotated[int, Field(ge=256)] | Literal["auto"] = 262144
     cache_type_k: KvType = "q8_0"
     cache_type_v: KvType = "q8_0"
     cache_type_k_draft: KvType = "q8_0"
@@ -126,7 +139,7 @@ class Instance(ServerSettings):
 
     @property
     def unit(self) -> str:
-        return f"llama-server-{self.name}.service"
+        return server_unit(self.name)
 
     @property
     def local_url(self) -> str:
@@ -136,11 +149,11 @@ class Instance(ServerSettings):
 
     @property
     def smoke_unit(self) -> str:
-        return f"llama-smoke-{self.name}.service"
+        return smoke_unit(self.name)
 
     @property
     def smoke_timer(self) -> str:
-        return f"llama-smoke-{self.name}.timer"
+        return smoke_unit(self.name, "timer")
 
     @model_validator(mode="after")
     def _recipe_rules(self) -> Instance:

@@ -1,4 +1,4 @@
-"""GPU memory plan for one llama-server: weights, KV cache, compute buffer, CUDA overhead.
+"""Bytes one llama-server puts on its GPU: weights, KV cache, compute buffer, CUDA overhead.
 
 Pure functions over :class:`~gemma4_fleet.gguf_meta.ModelMeta`; no I/O.  The KV cache size is
 exact (it reproduces llama-server's ``llama_kv_cache: size = ...`` lines); the compute buffer is
@@ -8,7 +8,6 @@ within 1 MiB of every logged H100 size); the CUDA overhead is calibrated.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,7 +31,7 @@ CACHE_TYPES: dict[str, GGMLQuantizationType] = {
     "q5_1": GGMLQuantizationType.Q5_1,
 }
 
-# llama-server's --spec-type values this planner knows how to pair (common/speculative.cpp)
+# llama-server's --spec-type values check_pairing knows (common/speculative.cpp)
 SPEC_TYPES = ("draft-simple", "draft-mtp")
 # common_speculative_are_compatible: draft-simple tolerates this vocab size difference
 SPEC_VOCAB_MAX_SIZE_DIFFERENCE = 128
@@ -90,40 +89,19 @@ class KvSize:
 
 
 @dataclass(frozen=True)
-class GpuPlan:
-    """Bytes on one GPU for a llama-server (target plus optional drafter) at a given n_ctx."""
+class GpuUsage:
+    """Bytes one llama-server (target plus optional drafter) puts on its GPU at a given n_ctx."""
 
     n_ctx: int  # as llama.cpp will use it: padded, a multiple of the slot count
-    budget: int
     weights: int
     kv: int
     compute: int
-    overhead: int
-    reserved: int  # other tenants
+    overhead: int  # CUDA context(s): one per llama_context
 
     @property
-    def used(self) -> int:
-        return self.weights + self.kv + self.compute + self.overhead + self.reserved
-
-    @property
-    def headroom(self) -> int:
-        return self.budget - self.used
-
-    @property
-    def fits(self) -> bool:
-        return self.headroom >= 0
-
-    def breakdown(self) -> str:
-        return (
-            f"n_ctx {self.n_ctx}: weights {_mib(self.weights)} + KV {_mib(self.kv)} + compute "
-            f"{_mib(self.compute)} + CUDA overhead {_mib(self.overhead)} + other tenants "
-            f"{_mib(self.reserved)} = {_mib(self.used)} of budget {_mib(self.budget)} "
-            f"(headroom {_mib(self.headroom)})"
-        )
-
-
-def _mib(n: int) -> str:
-    return f"{n / MIB:.2f} MiB"
+    def total(self) -> int:
+        """This server's own bytes on the GPU, CUDA context included."""
+        return self.weights + self.kv + self.compute + self.overhead
 
 
 def _pad(n: int) -> int:
@@ -390,19 +368,17 @@ def compute_buffer_bytes(
     return cells * mask_per_cell + base + max(attention, ffn)
 
 
-def plan_gpu(
+def gpu_usage(
     target: ModelMeta,
     *,
     n_ctx: int,
     cache: CacheOptions,
-    budget_mib: int,
-    reserve_mib: int = 0,
     gpu_layers: GpuLayers = "all",
     drafter: ModelMeta | None = None,
     drafter_gpu_layers: GpuLayers = "all",
     draft_cache: CacheOptions | None = None,
-) -> GpuPlan:
-    """GPU bytes for target (+ drafter, same process and n_ctx) at -c n_ctx; never raises on fit.
+) -> GpuUsage:
+    """GPU bytes for target (+ drafter, same process and n_ctx) at -c n_ctx.
 
     KV of layers left on the CPU stays on the CPU (offload_kqv follows each layer's device).  The
     drafter's context has the target's n_ctx and slots (common/speculative.cpp) and its own cache
@@ -437,96 +413,9 @@ def plan_gpu(
         else:
             compute += compute_buffer_bytes(meta, n_ctx=n_ctx, cache=opts)
     overhead = CUDA_OVERHEAD_BYTES + (DRAFT_CONTEXT_OVERHEAD_BYTES if drafter is not None else 0)
-    return GpuPlan(
-        n_ctx=streams * cells,
-        budget=budget_mib * MIB,
-        weights=weights,
-        kv=kv,
-        compute=compute,
-        overhead=overhead,
-        reserved=reserve_mib * MIB,
+    return GpuUsage(
+        n_ctx=streams * cells, weights=weights, kv=kv, compute=compute, overhead=overhead
     )
-
-
-def fit_ctx(
-    target: ModelMeta,
-    *,
-    ctx: int | Literal["auto"],
-    cache: CacheOptions,
-    budget_mib: int,
-    reserve_mib: int = 0,
-    gpu_layers: GpuLayers = "all",
-    drafter: ModelMeta | None = None,
-    drafter_gpu_layers: GpuLayers = "all",
-    draft_cache: CacheOptions | None = None,
-) -> GpuPlan:
-    """The plan for a fixed ctx, or for "auto" the largest ctx that fits.
-
-    "auto" picks the largest multiple of 256 tokens per slot (so -c is a multiple of
-    256 * parallel unless unified) with at most n_ctx_train tokens per slot.
-    Raises PlanError naming the term that does not fit.
-    """
-
-    def plan(n_ctx: int) -> GpuPlan:
-        return plan_gpu(
-            target,
-            n_ctx=n_ctx,
-            cache=cache,
-            budget_mib=budget_mib,
-            reserve_mib=reserve_mib,
-            gpu_layers=gpu_layers,
-            drafter=drafter,
-            drafter_gpu_layers=drafter_gpu_layers,
-            draft_cache=draft_cache,
-        )
-
-    n_ctx_train = target.context_length
-    if ctx != "auto":
-        per_slot = kv_cells(ctx, parallel=cache.parallel, unified=cache.unified)[1]
-        if per_slot > n_ctx_train:
-            raise PlanError(
-                f"ctx {ctx} gives {per_slot} tokens per slot, above n_ctx_train {n_ctx_train} "
-                f"of {target.name}"
-            )
-        fixed = plan(ctx)
-        _check_fits(fixed, f"ctx {ctx}")
-        return fixed
-
-    step = CTX_PAD * (1 if cache.unified else cache.parallel)
-    if n_ctx_train < CTX_PAD:
-        raise PlanError(f"n_ctx_train {n_ctx_train} of {target.name} is below {CTX_PAD}")
-    best = largest_ctx(step, n_ctx_train, lambda n_ctx: plan(n_ctx).fits)
-    if best is None:
-        _check_fits(plan(step), f"even the smallest ctx {step}")
-    return plan(best or step)
-
-
-def largest_ctx(step: int, n_ctx_train: int, fits: Callable[[int], bool]) -> int | None:
-    """The largest multiple of `step` with at most n_ctx_train tokens per slot (a slot is
-    step / CTX_PAD * 256 tokens) for which `fits`, by bisection; None if not even `step` fits."""
-    lo, hi = 1, n_ctx_train // CTX_PAD
-    if hi < 1 or not fits(step):
-        return None
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fits(mid * step):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo * step
-
-
-def _check_fits(plan: GpuPlan, what: str) -> None:
-    if plan.fits:
-        return
-    left = plan.budget - plan.reserved - plan.overhead
-    if plan.weights > left:
-        raise PlanError(
-            f"GPU budget too small for the weights: {_mib(plan.budget)} minus other tenants "
-            f"{_mib(plan.reserved)} and CUDA overhead {_mib(plan.overhead)} leaves {_mib(left)}, "
-            f"the weights need {_mib(plan.weights)}"
-        )
-    raise PlanError(f"{what} does not fit the GPU budget: {plan.breakdown()}")
 
 
 def check_pairing(target: ModelMeta, drafter: ModelMeta, spec_type: str) -> None:

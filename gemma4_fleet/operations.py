@@ -19,6 +19,8 @@ from pyinfra.api.host import Host
 
 from gemma4_fleet.config import HostConfig, ModelFile
 from gemma4_fleet.facts import GitHead, LlamaCppBuildInfo, LlamaServerFlags, ModelFileStamp
+from gemma4_fleet.host_scripts.prune import MARKER as OWNED_MARKER
+from gemma4_fleet.render import PRUNE_SCRIPT, VERIFY_SCRIPT
 
 logger = logging.getLogger("gemma4_fleet")
 Commands = Generator[StringCommand | FunctionCommand | FileUploadCommand, None, None]
@@ -122,7 +124,7 @@ def build(config: HostConfig) -> Commands:
         '{ tail -n 40 "$root/build/$id.log"; exit 1; }; '
         'cmake --build "$scratch" --target llama-server llama-bench -j "$jobs" '
         '>>"$root/build/$id.log" 2>&1 || { tail -n 40 "$root/build/$id.log"; exit 1; }; '
-        'rm -rf "$stage"; mkdir -p "$stage/bin"; '
+        'rm -rf "$stage"; mkdir -p "$stage/bin"; : >"$stage/$owned"; '
         'cp "$scratch/bin/llama-server" "$scratch/bin/llama-bench" "$stage/bin/"; '
         '"$stage/bin/llama-server" --version >"$stage/VERSION" 2>&1; '
         'printf "commit=%s\\nid=%s\\noptions=%s\\n" "$commit" "$id" "$options" '
@@ -134,6 +136,7 @@ def build(config: HostConfig) -> Commands:
         options=" ".join(cmake_options(config)),
         jobs=str(config.build.jobs or ""),
         ccache=config.build.ccache_dir or "",
+        owned=OWNED_MARKER,
     )
 
 
@@ -182,7 +185,7 @@ def model_file(dest: str, model: ModelFile) -> Commands:
         # files.put-style upload of the controller's copy to the partial path.
         yield from _upload(model.local_path, f"{dest}.partial")
     yield _script(
-        'tmp="$dest.partial"; mkdir -p "$(dirname "$dest")"; '
+        'tmp="$dest.partial"; mkdir -p "$(dirname "$dest")"; : >"$(dirname "$dest")/$owned"; '
         'if [ -f "$dest" ] && [ "$(sha256sum <"$dest" | cut -d" " -f1)" = "$want" ]; then '
         'rm -f "$tmp"; else ' + fetch + "; "
         # A wrong size fails before hashing gigabytes.
@@ -198,6 +201,7 @@ def model_file(dest: str, model: ModelFile) -> Commands:
         want=model.sha256,
         url=model.url or "",
         size=str(model.size or ""),
+        owned=OWNED_MARKER,
     )
 
 
@@ -219,7 +223,7 @@ def verify_or_roll_back(
     the smoke check passes (or is skipped because a user holds the slot); the unit file then
     becomes the last-known-good (with its smoke unit). Otherwise the last-known-good units
     (whose binary and models are kept on disk) are put back and restarted, and the host fails
-    with the reason.
+    with the reason. The logic is the shipped host script verify.py.
 
     + unit: the llama-server unit
     + health_url: e.g. http://127.0.0.1:8080/health
@@ -227,56 +231,21 @@ def verify_or_roll_back(
     + smoke_unit: the oneshot smoke-check unit, or None to skip the smoke check
     + report: the smoke check's JSON report on the host
     """
-    yield _script(
-        'live="/etc/systemd/system/$unit"; saved="$lkg/$unit"; '
-        'restarts() { systemctl show -p NRestarts --value "$unit"; }; '
-        'healthy() { end=$(( $(date +%s) + $1 )); n0="$(restarts)"; '
-        'while [ "$(date +%s)" -lt "$end" ]; do '
-        'curl -fsS -o /dev/null "$url" 2>/dev/null && return 0; '
-        # A unit that exited (or is cycling through restarts) will not come up: stop waiting.
-        'case "$(systemctl show -p ActiveState --value "$unit")" in failed|inactive) return 1;; '
-        'esac; [ "$(restarts)" = "$n0" ] || return 1; '
-        "sleep 1; done; return 1; }; "
-        'reject() { journalctl -u "$unit" -n 15 --no-pager >&2 || true; '
-        'if [ -f "$saved" ] && ! cmp -s "$saved" "$live"; then cp "$saved" "$live"; '
-        # The smoke unit goes back too: it names the commit and model it expects.
-        '[ -z "$smoke" ] || [ ! -f "$lkg/$smoke" ] || cp "$lkg/$smoke" /etc/systemd/system/; '
-        'systemctl daemon-reload; systemctl restart "$unit" || true; '
-        'if healthy 60; then back="rolled back to last-known-good, serving again"; '
-        'else back="rolled back to last-known-good, but it is not healthy either"; fi; '
-        'elif [ -f "$saved" ]; then back="the live unit is the last-known-good one"; '
-        'else back="no last-known-good to roll back to"; fi; '
-        'echo "$unit: $1; $back" >&2; exit 1; }; '
-        'healthy "$timeout" || reject "no /health 200 within $timeout s '
-        '($(systemctl is-active "$unit"))"; '
-        'if [ -n "$smoke" ] && ! systemctl start "$smoke"; then '
-        "why=$(python3 -c 'import json, sys; "
-        'print("; ".join(json.load(open(sys.argv[1]))["reasons"]))\' "$report" 2>&1); '
-        'reject "smoke check failed: $why"; fi; '
-        'mkdir -p "$lkg"; cp "$live" "$saved"; '
-        '[ -z "$smoke" ] || cp "/etc/systemd/system/$smoke" "$lkg/"',
-        unit=unit,
-        url=health_url,
-        timeout=str(timeout),
-        smoke=smoke_unit or "",
-        report=report,
-        lkg=LKG_DIR,
-    )
+    args = ["--unit", unit, "--health-url", health_url, "--timeout", str(timeout)]
+    args += ["--lkg-dir", LKG_DIR]
+    if smoke_unit:
+        args += ["--smoke-unit", smoke_unit, "--report", report]
+    yield StringCommand("python3", QuoteString(VERIFY_SCRIPT), *(QuoteString(a) for a in args))
 
 
 @operation()
-def prune(install_root: str, models_dir: str) -> Commands:
-    """Delete builds and model versions that no unit, live or last-known-good, refers to.
+def prune(install_root: str, models_dir: str, unit_glob: str) -> Commands:
+    """Delete builds and model versions this tool made that no unit, live or last-known-good,
+    refers to (the shipped host script prune.py; directories without our marker are kept).
 
     + install_root: holds builds/<id>
     + models_dir: holds <sha256 prefix>/<file>
+    + unit_glob: the llama-server units, e.g. llama-server-*.service
     """
-    yield _script(
-        'units="$(cat /etc/systemd/system/llama-server-*.service "$lkg"/*.service 2>/dev/null)"; '
-        'for dir in "$root"/builds/*/ "$models"/*/; do [ -d "$dir" ] || continue; '
-        'dir="${dir%/}"; case "$units" in *"$dir/"*) ;; *) rm -rf "$dir"; '
-        'echo "removed $dir";; esac; done',
-        root=install_root,
-        models=models_dir,
-        lkg=LKG_DIR,
-    )
+    args = ["--unit-glob", unit_glob, "--lkg-dir", LKG_DIR, f"{install_root}/builds", models_dir]
+    yield StringCommand("python3", QuoteString(PRUNE_SCRIPT), *(QuoteString(a) for a in args))

@@ -1,4 +1,5 @@
-"""The one place that turns configuration into llama-server's command line, and reads --help."""
+"""Configuration rendered for the host: llama-server's argv, the smoke check's argv, --help
+parsing, and the one systemd escaping every value in a unit file goes through."""
 
 from __future__ import annotations
 
@@ -65,7 +66,10 @@ def server_argv(config: HostConfig, inst: Instance, ctx_size: int | None = None)
     return argv + list(inst.extra_args)
 
 
-SMOKE_SCRIPT = "/usr/local/lib/gemma4-fleet/smoke_check.py"
+HOST_SCRIPTS_DIR = "/usr/local/lib/gemma4-fleet"  # gemma4_fleet/host_scripts/*.py, as shipped
+SMOKE_SCRIPT = f"{HOST_SCRIPTS_DIR}/smoke_check.py"
+VERIFY_SCRIPT = f"{HOST_SCRIPTS_DIR}/verify.py"
+PRUNE_SCRIPT = f"{HOST_SCRIPTS_DIR}/prune.py"
 SMOKE_STATE_DIR = "gemma4-fleet-smoke"  # under /var/lib: JSON reports and .prom textfiles
 
 
@@ -123,14 +127,27 @@ def parse_help_flags(help_text: str) -> set[str]:
     return flags
 
 
-def systemd_quote(arg: str) -> str:
-    """One argument escaped for ExecStart= (systemd.service(5) "Command lines")."""
-    escaped = arg.replace("%", "%%").replace("$", "$$")
-    if _SAFE.match(arg):
+def systemd_escape(value: str, *, command_line: bool = False) -> str:
+    """One value escaped as one word of a unit file setting (systemd.syntax(7), systemd.service(5)).
+
+    Specifiers (``%``) are doubled everywhere; ``$`` only where systemd expands variables, in
+    command lines (ExecStart=); anything beyond plain characters is double-quoted with C escapes,
+    which ExecStart=, Environment= and path lists such as ReadOnlyPaths= all unquote.
+    """
+    escaped = value.replace("%", "%%")
+    if command_line:
+        escaped = escaped.replace("$", "$$")
+    if _SAFE.match(value):
         return escaped
     escaped = escaped.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return f'"{escaped}"'
 
 
 def exec_start(argv: list[str]) -> str:
-    return " ".join(systemd_quote(arg) for arg in argv)
+    """The value of ExecStart= that runs exactly `argv`."""
+    return " ".join(systemd_escape(arg, command_line=True) for arg in argv)
+
+
+def cuda_environment(gpu_uuid: str) -> str:
+    """The value of Environment= that pins a process to one GPU, by UUID."""
+    return systemd_escape(f"CUDA_VISIBLE_DEVICES={gpu_uuid}")

@@ -45,7 +45,7 @@ from gguf import GGMLQuantizationType as QType
 from gguf import GGUFValueType
 from gguf.quants import quantize as gguf_quantize
 
-from gemma4_fleet.testfleet.assets import sha256_file
+from gemma4_fleet.common import sha256_file
 
 __all__ = [
     "ASSISTANT_ARCH",

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from gemma4_fleet.common import cache_dir
 from gemma4_fleet.config import ConfigError, GpuService, HostConfig, Instance, ModelFile
 from gemma4_fleet.facts import Gpu
 from gemma4_fleet.gguf_meta import ModelMeta, ModelMetaError, read_meta, read_meta_url
@@ -44,15 +45,14 @@ from gemma4_fleet.memory_model import (
     MIB,
     CacheOptions,
     GpuLayers,
+    GpuUsage,
     PairingError,
     PlanError,
     check_pairing,
+    gpu_usage,
     kv_cache_bytes,
     kv_cells,
-    largest_ctx,
-    plan_gpu,
 )
-from gemma4_fleet.testfleet.assets import cache_dir
 
 # Tokens per slot that ctx_size "auto" gets on an instance without a GPU (see the module doc).
 CPU_AUTO_CTX = 8192
@@ -261,7 +261,7 @@ def meta_for_model(model: ModelFile) -> ModelMeta:
     return read_meta_url(model.url, sha256=model.sha256, cache_dir=cache_dir() / "gguf-meta")
 
 
-def _memoized(meta_for: MetaFor) -> MetaFor:
+def memoized(meta_for: MetaFor) -> MetaFor:
     """meta_for reading each model once per fleet (errors included: a dead URL times out once)."""
     seen: dict[tuple[str | None, str | None, str], ModelMeta | ModelMetaError] = {}
 
@@ -284,20 +284,6 @@ def _memoized(meta_for: MetaFor) -> MetaFor:
 
 
 @dataclass(frozen=True)
-class _Usage:
-    n_ctx: int
-    weights: int
-    kv: int
-    compute: int
-    overhead: int  # CUDA context(s): one per llama_context
-
-    @property
-    def total(self) -> int:
-        """This instance's own bytes on the GPU, CUDA context included."""
-        return self.weights + self.kv + self.compute + self.overhead
-
-
-@dataclass(frozen=True)
 class _Models:
     target: ModelMeta
     drafter: ModelMeta | None
@@ -316,23 +302,36 @@ def _caches(inst: Instance) -> tuple[CacheOptions, CacheOptions]:
     )
 
 
-def _usage(inst: Instance, models: _Models, n_ctx: int) -> _Usage:
+def _usage(inst: Instance, models: _Models, n_ctx: int) -> GpuUsage:
     """GPU bytes of target + drafter at n_ctx (each model with its own cache types and layers)."""
     target_cache, draft_cache = _caches(inst)
-    plan = plan_gpu(
+    return gpu_usage(
         models.target,
         n_ctx=n_ctx,
         cache=target_cache,
-        budget_mib=0,
         gpu_layers=_layers(inst.gpu_layers),
         drafter=models.drafter,
         drafter_gpu_layers=_layers(inst.draft_gpu_layers),
         draft_cache=draft_cache,
     )
-    return _Usage(plan.n_ctx, plan.weights, plan.kv, plan.compute, plan.overhead)
 
 
-def _largest_fit(inst: Instance, models: _Models, available: int) -> _Usage | None:
+def largest_ctx(step: int, n_ctx_train: int, fits: Callable[[int], bool]) -> int | None:
+    """The largest multiple of `step` with at most n_ctx_train tokens per slot (a slot is
+    step / CTX_PAD * 256 tokens) for which `fits`, by bisection; None if not even `step` fits."""
+    lo, hi = 1, n_ctx_train // CTX_PAD
+    if hi < 1 or not fits(step):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid * step):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * step
+
+
+def _largest_fit(inst: Instance, models: _Models, available: int) -> GpuUsage | None:
     """The largest ctx (a multiple of 256 per slot, at most n_ctx_train per slot) whose usage
     is within `available` bytes; None when not even 256 per slot fits."""
     best = largest_ctx(
@@ -346,21 +345,18 @@ def _largest_fit(inst: Instance, models: _Models, available: int) -> _Usage | No
 class _Host:
     """Planning state of one host: errors are collected, not raised one by one."""
 
-    def __init__(self, name: str, config: HostConfig, gpus: list[Gpu]) -> None:
+    def __init__(self, name: str, config: HostConfig, gpus: Mapping[str, Gpu]) -> None:
         self.name = name
         self.config = config
-        self.gpus = gpus
+        self.gpus = gpus  # configured GPU reference -> the host's GPU, where nvidia-smi told
         self.errors: list[str] = []
 
     def error(self, field_path: str, message: str) -> None:
         self.errors.append(f"host {self.name}: {field_path}: {message}")
 
-    def gpu(self, ref: str) -> Gpu | None:
-        return next((g for g in self.gpus if ref in (str(g.index), g.uuid)), None)
-
     def gpu_key(self, ref: str) -> str:
         """One key per physical GPU when nvidia-smi is known ("0" and its UUID are the same)."""
-        gpu = self.gpu(ref)
+        gpu = self.gpus.get(ref)
         return gpu.uuid if gpu is not None else ref
 
     def models(self, meta_for: MetaFor) -> dict[str, ModelMeta]:
@@ -429,14 +425,7 @@ class _Host:
         return InstancePlan(inst.name, None, inst.ctx_size, ctx, weights, kv)
 
     def budget(self, inst: Instance, ref: str) -> tuple[int, str] | None:
-        gpu = self.gpu(ref)
-        if self.gpus and gpu is None:
-            have = ", ".join(f"{g.index} {g.uuid}" for g in self.gpus)
-            self.error(
-                f"llama_instances[{inst.name}].gpu",
-                f"no GPU {ref!r} on the host (nvidia-smi lists: {have})",
-            )
-            return None
+        gpu = self.gpus.get(ref)
         keys = [ref] + ([str(gpu.index), gpu.uuid] if gpu is not None else [])
         for key in keys:
             if key in self.config.gpu_memory_mib:
@@ -476,7 +465,7 @@ class _Host:
         if len(autos) > 1:
             return []
 
-        usage: dict[str, _Usage] = {}
+        usage: dict[str, GpuUsage] = {}
         for inst in insts:
             if isinstance(inst.ctx_size, int):
                 usage[inst.name] = _usage(inst, models[inst.name], inst.ctx_size)
@@ -488,7 +477,7 @@ class _Host:
             auto_failed = best is None
             usage[inst.name] = best or _usage(inst, models[inst.name], CTX_PAD * inst.parallel)
 
-        gpu = self.gpu(ref)
+        gpu = self.gpus.get(ref)
         rows = []
         for inst in insts:
             own = usage[inst.name]
@@ -559,10 +548,13 @@ class _Host:
         )
 
 
-def plan_host(host_name: str, config: HostConfig, gpus: list[Gpu], meta_for: MetaFor) -> HostPlan:
+def plan_host(
+    host_name: str, config: HostConfig, gpus: Mapping[str, Gpu], meta_for: MetaFor
+) -> HostPlan:
     """Pairing and VRAM plan of one host; raises PlanConfigError with every problem found.
 
-    `gpus`: the host's NvidiaGpus fact, or [] when budgets come from `gpu_memory_mib` only.
+    `gpus`: each configured GPU reference (index or UUID) resolved to the host's GPU
+    (gemma4_fleet.pipeline); a reference not in it takes its budget from `gpu_memory_mib`.
     """
     host = _Host(host_name, config, gpus)
     metas = host.models(meta_for)
@@ -598,25 +590,3 @@ def plan_host(host_name: str, config: HostConfig, gpus: list[Gpu], meta_for: Met
     if host.errors:
         raise PlanConfigError(host.errors)
     return HostPlan(host_name, tuple(rows))
-
-
-def plan_fleet(
-    configs: Mapping[str, HostConfig],
-    gpus_by_host: Mapping[str, list[Gpu]],
-    *,
-    meta_for: MetaFor = meta_for_model,
-) -> dict[str, HostPlan]:
-    """Plans of every host; one PlanConfigError listing every host's problems at once."""
-    read = _memoized(meta_for)
-    plans: dict[str, HostPlan] = {}
-    errors: list[str] = []
-    for name, config in configs.items():
-        try:
-            plans[name] = plan_host(name, config, gpus_by_host.get(name, []), read)
-        except PlanConfigError as exc:
-            errors += exc.errors
-        except ConfigError as exc:
-            errors.append(str(exc))
-    if errors:
-        raise PlanConfigError(errors)
-    return plans

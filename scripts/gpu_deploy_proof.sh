@@ -254,7 +254,7 @@ for f in Path(data_dir).iterdir():
     data[f.name] = text if f.name == "llama_models_dir" else json.loads(text)
 config = parse_host_config("@local", data)
 argv = smoke_argv(config, config.instances[0])
-out = [sys.executable if a == "/usr/bin/python3" else "gemma4_fleet/smoke_check.py"
+out = [sys.executable if a == "/usr/bin/python3" else "gemma4_fleet/host_scripts/smoke_check.py"
        if a.endswith("/smoke_check.py") else a for a in argv]
 i = out.index("--unit"); del out[i:i + 2]
 out[out.index("--json") + 1] = f"{r}/smoke.json"

@@ -2,7 +2,7 @@
 
 Runs the project's real pyinfra code against `@local` on a GPU machine without systemd and
 without network: the validated host configuration with its GPU fact, detected CUDA
-architectures and VRAM plan (`host_config`), the llama.cpp build (`llama_cpp`), the models
+architectures and VRAM plan (`host_setup`), the llama.cpp build (`llama_cpp`), the models
 (`models`) and the flag check of the instance's command line (`flags_known`). Not `toolchain`
 (it would apt-get install) and not `servers` (systemd units).
 
@@ -21,11 +21,13 @@ from pathlib import Path
 from pyinfra import host
 
 from gemma4_fleet import operations as g4f
-from gemma4_fleet.deploy import gpu_uuid, host_config, llama_cpp, models
-from gemma4_fleet.facts import NvidiaGpus
+from gemma4_fleet.deploys import host_setup
+from gemma4_fleet.deploys.build import llama_cpp
+from gemma4_fleet.deploys.models import models
 from gemma4_fleet.render import flags_of, server_argv
 
-config, plan, _ = host_config()
+setup = host_setup()
+config, plan = setup.config, setup.plan
 llama_cpp(config)
 models(config)
 
@@ -36,7 +38,7 @@ dump: dict[str, object] = {
     "build_id": config.build_id,
     "build_dir": config.build_dir,
     "server_binary": config.server_binary,
-    "gpus": [gpu.__dict__ for gpu in host.get_fact(NvidiaGpus)],
+    "gpus": [gpu.__dict__ for gpu in setup.gpus],
     "plan": plan.to_json(),
     "plan_table": plan.table(),
     "instances": [],
@@ -53,7 +55,7 @@ for inst in config.instances:
             "name": inst.name,
             "unit": inst.unit,
             "argv": argv,
-            "gpu_uuid": gpu_uuid(inst.gpu, host.get_fact(NvidiaGpus)),
+            "gpu_uuid": setup.gpu_uuid(inst.gpu),
             "model_path": config.model_path(inst.target),
             "port": inst.port,
         }

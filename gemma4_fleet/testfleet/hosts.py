@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from gemma4_fleet.common import cache_dir
 from gemma4_fleet.testfleet import assets
 from gemma4_fleet.testfleet.base import BaseRecipe, ensure_base
 from gemma4_fleet.testfleet.mirrors import git_mirror
@@ -111,7 +112,7 @@ class Fleet:
         self.mirror_url = f"http://{self.gateway}:{MIRROR_PORT}"
         default_state = "/var/lib/gemma4-fleet" + ("" if name == "g4f" else f"-{name}")
         self.state_dir = state_dir or Path(os.environ.get("G4F_STATE", default_state))
-        self.cache = cache or assets.cache_dir()
+        self.cache = cache or cache_dir()
         self.state_file = self.state_dir / "state.json"
         self.key = self.state_dir / "id_ed25519"
         self.hosts: dict[str, TestHost] = {}

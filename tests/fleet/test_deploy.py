@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import runpy
-from typing import Any
-
 import pytest
 
 from gemma4_fleet.testfleet.hosts import Fleet
 from gemma4_fleet.testfleet.inventory import demo_data
-from tests.fleet.conftest import ROOT, PyinfraRun, data_arg, http, run_pyinfra
+from tests.fleet.conftest import PyinfraRun, data_arg, http, run_pyinfra
 
 pytestmark = pytest.mark.fleet
 UNIT = "llama-server-gemma3.service"
-RECIPE: dict[str, Any] = runpy.run_path(str(ROOT / "group_data" / "all.py"))["llama_server"]
 
 
 def unit_state(fleet: Fleet, name: str) -> dict[str, str]:
@@ -63,9 +59,7 @@ def test_a_server_flag_change_restarts_without_rebuild_or_download(
     fleet: Fleet, deployed: PyinfraRun
 ) -> None:
     before = {name: (mtimes(fleet, name), unit_state(fleet, name)) for name in fleet.hosts}
-    run = run_pyinfra(
-        "deploys/gemma4_mtp.py", *data_arg("llama_server", {**RECIPE, "draft_p_min": 0.25})
-    )
+    run = run_pyinfra("deploys/gemma4_mtp.py", *data_arg("llama_server", {"draft_p_min": 0.25}))
     assert run.returncode == 0, run.output[-3000:]
     changed = run.changed()
     assert any(op.endswith(f"Unit {UNIT}") for op in changed), changed
@@ -92,7 +86,7 @@ def test_unknown_flag_fails_the_host_before_the_unit_is_written(
         )
         for name in fleet.hosts
     }
-    removed_flag = {**RECIPE, "extra_args": ["--draft-max", "4"]}
+    removed_flag = {"extra_args": ["--draft-max", "4"]}
     run = run_pyinfra("deploys/gemma4_mtp.py", *data_arg("llama_server", removed_flag))
     assert run.returncode != 0
     assert "does not know --draft-max" in run.output
@@ -105,9 +99,7 @@ def test_unknown_flag_fails_the_host_before_the_unit_is_written(
 def test_bad_config_is_refused_before_any_host_is_touched(
     fleet: Fleet, deployed: PyinfraRun
 ) -> None:
-    run = run_pyinfra(
-        "deploys/gemma4_mtp.py", *data_arg("llama_server", {**RECIPE, "cache_type_k": "q9_0"})
-    )
+    run = run_pyinfra("deploys/gemma4_mtp.py", *data_arg("llama_server", {"cache_type_k": "q9_0"}))
     assert run.returncode != 0
     for name in fleet.hosts:
         assert f"host {name}: llama_instances[gemma3].cache_type_k" in run.output

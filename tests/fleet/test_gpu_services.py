@@ -8,7 +8,7 @@ import pytest
 
 from gemma4_fleet.testfleet.hosts import Fleet
 from tests.fleet.conftest import PyinfraRun, data_arg, run_pyinfra
-from tests.fleet.test_deploy import RECIPE, UNIT, mtimes, unit_state
+from tests.fleet.test_deploy import UNIT, mtimes, unit_state
 
 pytestmark = pytest.mark.fleet
 # Stand-ins for whisper/TTS: real systemd services the user owns (we never write their units).
@@ -81,7 +81,7 @@ def test_redeploy_restarts_only_the_chosen_unit(fleet: Fleet, audio: dict[str, s
         "g4f-node1",
         "--data",
         "unit=gemma3",
-        *data_arg("llama_server", {**RECIPE, "draft_p_min": 0.25}),
+        *data_arg("llama_server", {"draft_p_min": 0.25}),
         *data_arg("gpu_services", SERVICES),
     )
     assert run.returncode == 0, run.output[-3000:]

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import requests
 
-from gemma4_fleet.smoke_check import parse_metrics_text
+from gemma4_fleet.common import sha256_file
+from gemma4_fleet.host_scripts.smoke_check import parse_metrics_text
 from gemma4_fleet.synthetic import SyntheticPair, write_pair
-from gemma4_fleet.testfleet.assets import sha256_file
 from gemma4_fleet.testfleet.hosts import Fleet
 from gemma4_fleet.testfleet.inventory import demo_data
 from tests.fleet.conftest import PyinfraRun, data_arg, run_pyinfra

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gemma4_fleet.testfleet.hosts import Fleet
 from tests.fleet.conftest import ROOT, PyinfraRun, data_arg, run_pyinfra
-from tests.fleet.test_deploy import RECIPE, UNIT, unit_state
+from tests.fleet.test_deploy import UNIT, unit_state
 
 pytestmark = pytest.mark.fleet
 SMOKE = "llama-smoke-gemma3"
@@ -117,7 +117,7 @@ def test_impossible_min_tps_rolls_back_to_the_previous_unit(
     before = {name: unit_state(fleet, name) for name in fleet.hosts}
     run = run_pyinfra(
         "deploys/gemma4_mtp.py",
-        *data_arg("llama_server", {**RECIPE, "draft_p_min": 0.25}),
+        *data_arg("llama_server", {"draft_p_min": 0.25}),
         *data_arg("llama_smoke", {"min_tps": 1000000}),
     )
     assert run.returncode != 0
@@ -136,7 +136,7 @@ def test_impossible_min_tps_rolls_back_to_the_previous_unit(
 
 
 def test_a_flag_that_makes_the_server_exit_rolls_back(fleet: Fleet, deployed: PyinfraRun) -> None:
-    exiting = {**RECIPE, "extra_args": ["--cache-type-k", "q9_9"]}
+    exiting = {"extra_args": ["--cache-type-k", "q9_9"]}
     run = run_pyinfra(
         "deploys/gemma4_mtp.py", "--limit", "g4f-node1", *data_arg("llama_server", exiting)
     )

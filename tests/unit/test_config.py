@@ -20,7 +20,7 @@ def group_all() -> dict[str, Any]:
 
 
 def host_data(**overrides: Any) -> dict[str, Any]:
-    data = {key: group_all()[key] for key in ("llamacpp", "llamacpp_build", "llama_server")}
+    data: dict[str, Any] = {"llamacpp": group_all()["llamacpp"], "llama_server": {}}
     data["llama_models"] = {
         "t": {"role": "target", "file": "t.gguf", "url": "http://m/t.gguf", "sha256": SHA},
         "d": {"role": "drafter", "file": "d.gguf", "url": "http://m/d.gguf", "sha256": SHA},
@@ -36,7 +36,7 @@ def error_of(data: dict[str, Any], host: str = "box1") -> str:
     return str(exc.value)
 
 
-def test_group_all_is_the_seed_003_recipe() -> None:
+def test_defaults_are_the_seed_003_recipe() -> None:
     config = parse_host_config("box1", host_data())
     inst = config.instances[0]
     assert config.llamacpp.commit == "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
@@ -158,7 +158,7 @@ def test_build_id_follows_commit_and_build_options() -> None:
     base = parse_host_config("box1", host_data())
     other_arch = parse_host_config(
         "box1",
-        host_data(llamacpp_build={**group_all()["llamacpp_build"], "cuda_architectures": [89]}),
+        host_data(llamacpp_build={"cuda_architectures": [89]}),
     )
     assert base.build_id.startswith("0c1e57098bba-")
     assert base.build_id != other_arch.build_id

@@ -1,4 +1,4 @@
-"""GPU inventory parsing and what follows from it: CUDA architectures, GPU UUIDs."""
+"""GPU inventory parsing and what follows from it: CUDA architectures."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from pyinfra.api import FactProcessError
 
 from gemma4_fleet.config import parse_host_config
-from gemma4_fleet.deploy import gpu_uuid, with_gpu_architectures
 from gemma4_fleet.facts import NvidiaGpus, parse_nvidia_smi
+from gemma4_fleet.pipeline import with_gpu_architectures
 from tests.unit.test_config import host_data
 
 pytestmark = pytest.mark.unit
@@ -38,20 +38,11 @@ def test_two_gpus() -> None:
         (0, 89, 12180),
         (1, 86, 3021),
     ]
-    assert gpu_uuid("1", gpus) == gpus[1].uuid
-    assert gpu_uuid(gpus[0].uuid, gpus) == gpus[0].uuid
-    assert gpu_uuid("2", gpus) == ""
-    assert gpu_uuid(None, gpus) is None
 
 
 def test_no_nvidia_tools_means_no_gpus() -> None:
     assert parse_nvidia_smi([]) == []
     assert NvidiaGpus.default() == []
-    # Without nvidia-smi a UUID cannot be checked: it is taken as given, an index is not.
-    assert gpu_uuid("GPU-00000000-0000-0000-0000-000000000001", []) == (
-        "GPU-00000000-0000-0000-0000-000000000001"
-    )
-    assert gpu_uuid("0", []) == ""
 
 
 @pytest.mark.parametrize(

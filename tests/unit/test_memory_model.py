@@ -1,4 +1,4 @@
-"""VRAM planner: KV cache bytes checked against llama-server's own log lines, fit and pairing."""
+"""Memory model: KV, compute and weight bytes checked against llama-server's own logs; pairing."""
 
 from __future__ import annotations
 
@@ -20,9 +20,8 @@ from gemma4_fleet.memory_model import (
     PlanError,
     check_pairing,
     compute_buffer_bytes,
-    fit_ctx,
+    gpu_usage,
     kv_cache_bytes,
-    plan_gpu,
     weight_bytes_on_gpu,
 )
 
@@ -189,10 +188,9 @@ def test_compute_and_overhead_reproduce_the_h100_calibration() -> None:
     # nvidia-smi: 7554 MiB at -c 8192, 9944 MiB at -c 65536 (model CUDA0 6314.36 MiB)
     meta = _with_gpu_weights(meta, round(6314.36 * MIB), round(540.13 * MIB))
     for n_ctx, smi_mib in ((8192, 7554), (65536, 9944)):
-        plan = plan_gpu(meta, n_ctx=n_ctx, cache=Q8_FA, budget_mib=81559)
+        plan = gpu_usage(meta, n_ctx=n_ctx, cache=Q8_FA)
         assert abs(plan.weights / MIB - 6314.36) < 0.01
-        assert abs(plan.used / MIB - smi_mib) < 1
-        assert plan.fits
+        assert abs(plan.total / MIB - smi_mib) < 1
 
 
 # --- the H100 proof run of the synthetic gemma4 pairs (docs/gpu-proof.md) -----------------------
@@ -295,17 +293,11 @@ def test_compute_and_total_match_the_gpu_proof_runs(
     for bytes_, mib in zip(predicted, logged, strict=True):
         assert abs(bytes_ / MIB - mib) < COMPUTE_TOLERANCE_MIB, (bytes_ / MIB, mib)
 
-    plan = plan_gpu(
-        target,
-        n_ctx=n_ctx,
-        cache=Q8_FA,
-        budget_mib=81559,
-        drafter=drafter if with_drafter else None,
-    )
+    plan = gpu_usage(target, n_ctx=n_ctx, cache=Q8_FA, drafter=drafter if with_drafter else None)
     assert plan.compute == sum(predicted)
     overhead = CUDA_OVERHEAD_BYTES + (DRAFT_CONTEXT_OVERHEAD_BYTES if with_drafter else 0)
     assert plan.overhead == overhead
-    assert abs(plan.used / MIB - smi_mib) / smi_mib < TOTAL_TOLERANCE, (plan.used / MIB, smi_mib)
+    assert abs(plan.total / MIB - smi_mib) / smi_mib < TOTAL_TOLERANCE, (plan.total / MIB, smi_mib)
 
 
 def test_assistant_compute_grows_with_the_targets_context(
@@ -397,33 +389,8 @@ def test_weights_on_gpu_270m(meta_270m: ModelMeta) -> None:
     last3 = sum(b for n, b in tensors.items() if n.startswith(("blk.15.", "blk.16.", "blk.17.")))
     assert weight_bytes_on_gpu(meta_270m, 4) == last3 + output
     # and only their KV: layers 15, 16 SWA (1024 cells) and 17 full (4096 cells), q8_0
-    plan = plan_gpu(meta_270m, n_ctx=4096, cache=Q8_FA, budget_mib=1000, gpu_layers=4)
+    plan = gpu_usage(meta_270m, n_ctx=4096, cache=Q8_FA, gpu_layers=4)
     assert plan.kv == 2 * 1024 * 544 + 4096 * 544
-
-
-def test_fit_auto_picks_the_largest_ctx(meta_270m: ModelMeta) -> None:
-    huge = fit_ctx(meta_270m, ctx="auto", cache=Q8_FA, budget_mib=80000)
-    assert huge.n_ctx == 32768  # capped at n_ctx_train
-    two = CacheOptions(parallel=2, type_k="q8_0", type_v="q8_0")
-    assert fit_ctx(meta_270m, ctx="auto", cache=two, budget_mib=80000).n_ctx == 2 * 32768
-
-    tight = fit_ctx(meta_270m, ctx="auto", cache=Q8_FA, budget_mib=1000, reserve_mib=100)
-    assert tight.fits and tight.n_ctx % 256 == 0 and tight.n_ctx < 32768
-    bigger = plan_gpu(
-        meta_270m, n_ctx=tight.n_ctx + 256, cache=Q8_FA, budget_mib=1000, reserve_mib=100
-    )
-    assert not bigger.fits
-
-
-def test_fit_errors_name_the_term(meta_270m: ModelMeta) -> None:
-    with pytest.raises(PlanError, match="ctx 40000 gives 40192 tokens per slot, above n_ctx_train"):
-        fit_ctx(meta_270m, ctx=40000, cache=Q8_FA, budget_mib=80000)
-    with pytest.raises(PlanError, match="GPU budget too small for the weights"):
-        fit_ctx(meta_270m, ctx="auto", cache=Q8_FA, budget_mib=700)
-    with pytest.raises(PlanError, match=re.escape("ctx 32768 does not fit the GPU budget: n_ctx")):
-        fit_ctx(meta_270m, ctx=32768, cache=Q8_FA, budget_mib=1000, reserve_mib=100)
-    fixed = fit_ctx(meta_270m, ctx=8192, cache=Q8_FA, budget_mib=80000)
-    assert fixed.n_ctx == 8192 and fixed.fits
 
 
 def _gemma4(**overrides: Any) -> ModelMeta:

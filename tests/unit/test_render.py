@@ -14,7 +14,7 @@ from gemma4_fleet.render import (
     flags_of,
     parse_help_flags,
     server_argv,
-    systemd_quote,
+    systemd_escape,
 )
 from tests.unit.test_config import SHA, host_data
 
@@ -106,7 +106,7 @@ def test_flags_of_ignores_values() -> None:
     ["my-service; whoami", 'a "quoted" $HOME %h \\ back', "two words", "new\nline", "100%"],
 )
 def test_systemd_quoting_survives_hostile_values(hostile: str) -> None:
-    quoted = systemd_quote(hostile)
+    quoted = systemd_escape(hostile)
     # systemd unescapes %% and $$; after that the word must split back to exactly one argument.
     unescaped = quoted.replace("%%", "%").replace("$$", "$").replace("\\n", "\n")
     assert shlex.split(unescaped, posix=True) == [hostile.replace("\n", "\n")] or (

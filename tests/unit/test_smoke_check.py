@@ -1,4 +1,4 @@
-"""Unit tests for gemma4_fleet/smoke_check.py (the stdlib-only smoke check).
+"""Unit tests for gemma4_fleet/host_scripts/smoke_check.py (the stdlib-only smoke check).
 
 Fixtures under data/smoke/ are trimmed copies of real responses recorded from the CPU
 llama-server build of llama.cpp 0c1e570 with Gemma 3 270M Q4_K_M as target and draft
@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gemma4_fleet import smoke_check as sc
+from gemma4_fleet.host_scripts import smoke_check as sc
 
 pytestmark = pytest.mark.unit
 

@@ -463,6 +463,42 @@ def report_to_dict(report: Report) -> dict[str, Any]:
     }
 
 
+def report_from_dict(data: Mapping[str, Any]) -> Report:
+    """The report back from its JSON view (what ``report_to_dict`` wrote)."""
+    health = data.get("health")
+    gpu = data.get("gpu")
+    tps = data.get("tokens_per_second") or {}
+    return Report(
+        instance=data["instance"],
+        url=data["url"],
+        status=data["status"],
+        reasons=list(data.get("reasons") or []),
+        health=HealthResult(**health) if health else None,
+        build_info=data.get("build_info"),
+        expect_commit=data.get("expect_commit"),
+        commit_ok=data.get("commit_ok"),
+        model_path=data.get("model_path"),
+        expect_model=data.get("expect_model"),
+        model_ok=data.get("model_ok"),
+        total_slots=data.get("total_slots"),
+        gpu=GpuResidency(**gpu) if gpu else None,
+        n_predict=data.get("n_predict", DEFAULT_N_PREDICT),
+        prompts=[PromptResult(**p) for p in data.get("prompts") or []],
+        tokens_per_second=tps.get("median"),
+        acceptance=data.get("acceptance"),
+        acceptance_by_position=data.get("acceptance_by_position"),
+        notes=list(data.get("notes") or []),
+        duration_seconds=data.get("duration_seconds", 0.0),
+        finished_at=data.get("finished_at", 0.0),
+    )
+
+
+def load_report(path: str) -> Report:
+    """Read a report written by this check (``--json``)."""
+    with open(path, encoding="utf-8") as fh:
+        return report_from_dict(json.load(fh))
+
+
 def _escape_label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 

@@ -1,0 +1,103 @@
+"""Packaged pyinfra deploys: the whole job per host (`gemma4_mtp`) and one unit (`redeploy_unit`).
+
+Each host's setup comes from :func:`gemma4_fleet.pipeline.host_setups`, computed once per run for
+every active host, so one bad host stops the run before any operation.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from typing import Any
+
+from pyinfra import host, state
+from pyinfra.api import State, deploy
+from pyinfra.operations import python
+from pyinfra.operations.util import any_changed
+
+from gemma4_fleet import operations as g4f
+from gemma4_fleet.config import HostConfig, server_unit
+from gemma4_fleet.deploys.build import llama_cpp, toolchain
+from gemma4_fleet.deploys.gpu_services import gpu_services, pin_gpu_service
+from gemma4_fleet.deploys.models import models
+from gemma4_fleet.deploys.reporting import collected_reports, print_fleet_table
+from gemma4_fleet.deploys.units import instance_unit, servers, service_basics
+from gemma4_fleet.facts import Gpu, NvidiaGpus
+from gemma4_fleet.pipeline import FleetConfigError, HostSetup, host_setups
+
+__all__ = ["gemma4_mtp", "host_setup", "redeploy_unit"]
+
+_setups: weakref.WeakKeyDictionary[State, dict[str, HostSetup]] = weakref.WeakKeyDictionary()
+
+
+def _gpu_facts(
+    hosts: list[tuple[Any, HostConfig]],
+) -> tuple[dict[str, list[Gpu]], dict[str, str]]:
+    """nvidia-smi once per host and run; empty on a host without NVIDIA tools."""
+    return {h.name: h.get_fact(NvidiaGpus) for h, _ in hosts}, {}
+
+
+def host_setup() -> HostSetup:
+    """This host's validated config, plan and GPUs; the first host to ask sets up every host."""
+    if state not in _setups:
+        _setups[state] = host_setups(state.inventory.get_active_hosts(), _gpu_facts)
+    return _setups[state][host.name]
+
+
+@deploy("Gemma 4 + MTP llama-server")
+def gemma4_mtp() -> None:
+    """The whole job for one host: toolchain, build, models, units, GPU services, prune."""
+    setup = host_setup()
+    config = setup.config
+    toolchain(config, setup.gpus)
+    build = llama_cpp(config)
+    placed = models(config)
+    changed = servers(setup, changed=[build, *placed])
+    gpu_services(setup)
+    g4f.prune(
+        name="Unused builds and model versions",
+        install_root=config.build.install_root,
+        models_dir=config.models_dir,
+        unit_glob=server_unit("*"),
+        _if=any_changed(build, *placed, *changed),
+    )
+    since = time.time()
+    python.call(
+        name="Fleet smoke table",
+        function=print_fleet_table,
+        since=since,
+        _run_once=True,
+        _if=lambda: bool(collected_reports(since)),
+    )
+
+
+@deploy("Redeploy one unit")
+def redeploy_unit(name: str) -> None:
+    """Re-render and restart one llama-server instance or one pinned GPU service, nothing else.
+
+    No build, no download, no other unit. A unit whose build is not installed fails its flag
+    check, one whose model is not placed fails its health check and is rolled back: run the
+    full deploy for those.
+
+    + name: an instance name ("gemma4"), its unit, or a `gpu_services` unit
+    """
+    setup = host_setup()
+    config = setup.config
+    if not name:
+        raise FleetConfigError([f"host {host.name}: unit: say which, e.g. --data unit=gemma4"])
+    for inst in config.instances:
+        if name in (inst.name, inst.unit, inst.unit.removesuffix(".service")):
+            service_basics(config)
+            instance_unit(setup, inst, changed=[])
+            return
+    for svc in config.gpu_services:
+        if name in (svc.unit, svc.unit.removesuffix(".service")):
+            pin_gpu_service(setup, svc)
+            return
+    known = [i.name for i in config.instances] + [s.unit for s in config.gpu_services]
+    raise FleetConfigError(
+        [
+            f"host {host.name}: unit: {name!r} is neither a llama-server instance nor a GPU "
+            f"service of this host (have: {', '.join(known)})"
+        ]
+    )

@@ -1,0 +1,91 @@
+"""Toolchain and llama.cpp build: packages, driver/toolkit checks, one build per commit+options."""
+
+from __future__ import annotations
+
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.api.operation import OperationMeta
+from pyinfra.facts.deb import DebPackages
+from pyinfra.operations import apt, files
+
+from gemma4_fleet import operations as g4f
+from gemma4_fleet.config import HostConfig
+from gemma4_fleet.facts import CudaToolkit, Gpu, LlamaCppBuildInfo
+
+BUILD_PACKAGES = [
+    "cmake",
+    "g++",
+    "git",
+    "ccache",
+    "ninja-build",
+    "pkg-config",
+    "libssl-dev",
+    "curl",
+    "python3",
+    "ca-certificates",
+]
+CUDA_TOOLKIT_PACKAGES = ["nvidia-cuda-toolkit"]
+
+
+@deploy("Build toolchain")
+def toolchain(config: HostConfig, gpus: list[Gpu]) -> None:
+    """Install missing build packages (no apt update when all are present: hosts may be offline).
+
+    With CUDA, the driver and toolkit must be there; the toolkit is installed from the
+    distribution only when `llamacpp_build.install_cuda_toolkit` says so. The driver is never
+    touched.
+    """
+    installed = host.get_fact(DebPackages)
+    wanted = BUILD_PACKAGES + (CUDA_TOOLKIT_PACKAGES if config.build.install_cuda_toolkit else [])
+    missing = [name for name in wanted if name not in installed]
+    if missing:
+        apt.packages(
+            name=f"Install {' '.join(missing)}", packages=missing, update=True, no_recommends=True
+        )
+    if not config.build.cuda:
+        return
+    if not gpus:
+        g4f.fail(
+            name="NVIDIA driver",
+            reason=(
+                f"host {host.name}: llamacpp_build.cuda is on but nvidia-smi finds no GPU "
+                "(install the NVIDIA driver; this tool never touches it)"
+            ),
+        )
+    elif host.get_fact(CudaToolkit) is None and not config.build.install_cuda_toolkit:
+        g4f.fail(
+            name="CUDA toolkit",
+            reason=(
+                f"host {host.name}: no nvcc (PATH, /usr/local/cuda); install the CUDA toolkit "
+                "or set llamacpp_build.install_cuda_toolkit: true"
+            ),
+        )
+
+
+@deploy("llama.cpp build")
+def llama_cpp(config: HostConfig) -> OperationMeta:
+    """Check out the pinned commit and build it into builds/<commit-options>, once.
+
+    Nothing is fetched or built when that build directory is already complete.
+    """
+    if config.build.cuda and not config.build.cuda_architectures:
+        g4f.fail(
+            name="CUDA architectures",
+            reason=(
+                f"host {host.name}: llamacpp_build.cuda_architectures is unset and no GPU was found"
+            ),
+        )
+    root = config.build.install_root
+    files.directory(name="llama.cpp install root", path=root, mode="755")
+
+    def missing() -> bool:
+        return host.get_fact(LlamaCppBuildInfo, build_dir=config.build_dir) is None
+
+    g4f.source(
+        name=f"llama.cpp source at {config.llamacpp.short}",
+        src_dir=f"{root}/src",
+        git_url=config.llamacpp.git_url,
+        commit=config.llamacpp.commit,
+        _if=missing,
+    )
+    return g4f.build(name=f"Build llama.cpp {config.build_id}", config=config)

@@ -1,0 +1,185 @@
+"""llama-server units: the service user, one unit + smoke service + timer per instance, verify.
+
+A (re)started instance must answer /health and pass its smoke check, else its last-known-good
+units are restored and the host fails.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files as package_files
+from pathlib import Path
+from typing import Any
+
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.api.operation import OperationMeta
+from pyinfra.facts.server import Groups
+from pyinfra.operations import files, server, systemd
+from pyinfra.operations.util import any_changed
+
+from gemma4_fleet import operations as g4f
+from gemma4_fleet.config import HostConfig, Instance
+from gemma4_fleet.deploys.reporting import report_dir
+from gemma4_fleet.facts import SystemdVersion
+from gemma4_fleet.pipeline import HostSetup
+from gemma4_fleet.render import (
+    PRUNE_SCRIPT,
+    SMOKE_SCRIPT,
+    SMOKE_STATE_DIR,
+    VERIFY_SCRIPT,
+    cuda_environment,
+    exec_start,
+    flags_of,
+    server_argv,
+    smoke_argv,
+    smoke_report,
+    systemd_escape,
+)
+
+HEALTH_TIMEOUT_S = 900  # the drafter adds load time; a 12B pair from cold disk takes minutes
+RENDER: dict[str, Any] = {
+    "jinja_env_kwargs": {"trim_blocks": True, "lstrip_blocks": True},
+    "mode": "644",
+}
+
+
+def template(name: str) -> str:
+    """Path of a packaged unit template."""
+    return str(package_files("gemma4_fleet") / "templates" / name)
+
+
+def service_basics(config: HostConfig) -> list[OperationMeta]:
+    """The service user and the host scripts (smoke check, verify, prune) the units rely on."""
+    server.group(name="Service group", group=config.service_user, system=True)
+    server.user(
+        name="Service user",
+        user=config.service_user,
+        group=config.service_user,
+        system=True,
+        home="/nonexistent",
+        shell="/usr/sbin/nologin",
+        create_home=False,
+    )
+    return [
+        files.put(
+            name=f"Host script {Path(dest).name}",
+            src=str(package_files("gemma4_fleet") / "host_scripts" / Path(dest).name),
+            dest=dest,
+            mode="755",
+        )
+        for dest in (SMOKE_SCRIPT, VERIFY_SCRIPT, PRUNE_SCRIPT)
+    ]
+
+
+@deploy("llama-server units")
+def servers(setup: HostSetup, changed: list[OperationMeta]) -> list[OperationMeta]:
+    """Render, check and (re)start one unit per instance; restart only on a change; verify.
+
+    + setup: the host's config, VRAM plan (each instance's ctx) and GPU UUIDs
+    + changed: build/model operations whose change must restart every instance
+    """
+    results = service_basics(setup.config)
+    for inst in setup.config.instances:
+        results += instance_unit(setup, inst, changed)
+    return results
+
+
+def instance_unit(
+    setup: HostSetup, inst: Instance, changed: list[OperationMeta]
+) -> list[OperationMeta]:
+    """One instance's unit, smoke units and timer; (re)start on change, then verify.
+
+    Returns what may have changed.
+    """
+    config = setup.config
+    uuid = setup.gpu_uuid(inst.gpu)
+    argv = server_argv(config, inst, ctx_size=setup.plan.ctx_for(inst.name))
+    g4f.flags_known(
+        name=f"{inst.unit}: flags known to the build",
+        binary=config.server_binary,
+        flags=flags_of(argv),
+    )
+    unit = files.template(
+        name=f"Unit {inst.unit}",
+        src=template("llama-server.service.j2"),
+        dest=f"/etc/systemd/system/{inst.unit}",
+        instance=inst,
+        exec_start=exec_start(argv),
+        service_user=systemd_escape(config.service_user),
+        cuda_env=cuda_environment(uuid) if uuid else None,
+        groups=[g for g in ("video", "render") if g in host.get_fact(Groups)],
+        restart_backoff=host.get_fact(SystemdVersion) >= 254,
+        read_only_paths=systemd_escape(config.models_dir),
+        **RENDER,
+    )
+    smoke = smoke_units(config, inst)
+    systemd.daemon_reload(name=f"daemon-reload for {inst.unit}", _if=any_changed(unit, *smoke))
+    if smoke:
+        systemd.service(
+            name=f"{inst.smoke_timer} enabled", service=inst.smoke_timer, running=True, enabled=True
+        )
+    # Errors here are judged (and rolled back) by the verification below.
+    started = systemd.service(
+        name=f"{inst.unit} enabled and running",
+        service=inst.unit,
+        running=True,
+        enabled=True,
+        _ignore_errors=True,
+    )
+    restarted = systemd.service(
+        name=f"{inst.unit} restarted (unit, build or model changed)",
+        service=inst.unit,
+        restarted=True,
+        _ignore_errors=True,
+        _if=lambda: any_changed(unit, *changed)() and not started.did_change(),
+    )
+    verified = g4f.verify_or_roll_back(
+        name=f"{inst.unit} healthy and smoke check passed",
+        unit=inst.unit,
+        health_url=f"{inst.local_url}/health",
+        timeout=HEALTH_TIMEOUT_S,
+        smoke_unit=inst.smoke_unit if smoke else None,
+        report=smoke_report(inst, "json"),
+        # After a (failed) start or restart, or when the smoke check itself changed.
+        _if=lambda: (
+            any(op.did_change() or op.did_error() for op in (started, restarted))
+            or any_changed(*smoke)()
+        ),
+    )
+    if smoke:
+        files.get(
+            name=f"{inst.unit} smoke report to the controller",
+            src=smoke_report(inst, "json"),
+            dest=str(report_dir() / host.name / f"{inst.name}.json"),
+            create_local_dir=True,
+            _if=verified.did_change,
+        )
+    return [unit, *smoke, started, restarted, verified]
+
+
+def smoke_units(config: HostConfig, inst: Instance) -> list[OperationMeta]:
+    """The oneshot smoke-check service and its timer (the same check the deploy runs)."""
+    if not config.smoke.enabled:
+        return []
+    timer = inst.smoke_timer
+    service = files.template(
+        name=f"Unit {inst.smoke_unit}",
+        src=template("llama-smoke.service.j2"),
+        dest=f"/etc/systemd/system/{inst.smoke_unit}",
+        instance=inst,
+        exec_start=exec_start(smoke_argv(config, inst)),
+        state_dir=SMOKE_STATE_DIR,
+        service_user=systemd_escape(config.service_user),
+        gpu=inst.gpu is not None,
+        **RENDER,
+    )
+    timer_file = files.template(
+        name=f"Unit {timer}",
+        src=template("llama-smoke.timer.j2"),
+        dest=f"/etc/systemd/system/{timer}",
+        instance=inst,
+        smoke=config.smoke,
+        smoke_unit=inst.smoke_unit,
+        **RENDER,
+    )
+    return [service, timer_file]

@@ -1,0 +1,154 @@
+"""From pyinfra inventory hosts to validated, GPU-resolved, planned hosts: the one way in.
+
+Every host's data (group data, inventory, ``--data``, as pyinfra merged them) is validated into a
+:class:`~gemma4_fleet.config.HostConfig`; its GPUs (the ``NvidiaGpus`` fact, when read) resolve
+each configured GPU reference (index or UUID) once; unset CUDA architectures become the GPUs';
+then the VRAM plan. The deploys and every CLI command start here. Problems of all hosts are
+collected and raised together as one :class:`FleetConfigError`:
+
+    invalid configuration
+      host <name>: <host-data field>: <what>
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyinfra.api import OperationError
+
+from gemma4_fleet.config import ConfigError, HostConfig, host_data_of, parse_host_config
+from gemma4_fleet.facts import Gpu
+from gemma4_fleet.vram_plan import (
+    HostPlan,
+    MetaFor,
+    PlanConfigError,
+    memoized,
+    meta_for_model,
+    plan_host,
+)
+
+# (host, its config) pairs -> ({host name: its GPUs}, {host name: why they could not be read});
+# a host in neither was not read: its plan takes budgets from gpu_memory_mib only
+GpuReader = Callable[[list[tuple[Any, HostConfig]]], tuple[dict[str, list[Gpu]], dict[str, str]]]
+
+
+class FleetConfigError(ConfigError, OperationError):
+    """Configuration errors of one or more hosts, raised before any host is touched."""
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        self.errors = tuple(line for error in errors for line in str(error).splitlines())
+        super().__init__("invalid configuration\n  " + "\n  ".join(self.errors))
+
+
+@dataclass(frozen=True)
+class HostSetup:
+    """One host's validated config, its VRAM plan and its GPUs (read once per run)."""
+
+    config: HostConfig
+    plan: HostPlan
+    gpus: list[Gpu]
+    # each configured GPU reference -> the UUID its units and drop-ins are pinned to
+    uuids: Mapping[str, str] = field(default_factory=dict)
+
+    def gpu_uuid(self, ref: str | None) -> str | None:
+        """The UUID for a configured GPU reference (None for no GPU)."""
+        return None if ref is None else self.uuids[ref]
+
+
+def gpu_refs(config: HostConfig) -> dict[str, str]:
+    """Every GPU reference in a host's data -> the host-data field that holds it."""
+    refs: dict[str, str] = {}
+    for inst in config.instances:
+        if inst.gpu is not None:
+            refs.setdefault(inst.gpu, f"llama_instances[{inst.name}].gpu")
+    for svc in config.gpu_services:
+        refs.setdefault(svc.gpu, f"gpu_services[{svc.unit}].gpu")
+    return refs
+
+
+def resolve_gpus(
+    host_name: str, config: HostConfig, gpus: list[Gpu] | None
+) -> tuple[dict[str, Gpu], dict[str, str], list[str]]:
+    """(reference -> GPU, reference -> UUID, errors) for every GPU reference of a host.
+
+    `gpus` None: not read (a plan from host data); a UUID then stands for itself. Read but empty
+    (no NVIDIA tools on the host): a UUID is taken as given, an index is an error.
+    """
+    found: dict[str, Gpu] = {}
+    uuids: dict[str, str] = {}
+    errors: list[str] = []
+    for ref, where in gpu_refs(config).items():
+        gpu = next((g for g in gpus or [] if ref in (str(g.index), g.uuid)), None)
+        if gpu is not None:
+            found[ref], uuids[ref] = gpu, gpu.uuid
+        elif not gpus and ref.startswith(("GPU-", "MIG-")):
+            uuids[ref] = ref  # nothing to check it against
+        elif gpus is not None:
+            have = ", ".join(f"{g.index} {g.uuid}" for g in gpus) or "none (no nvidia-smi)"
+            errors.append(
+                f"host {host_name}: {where}: no GPU {ref!r} on the host (nvidia-smi lists: {have})"
+            )
+    return found, uuids, errors
+
+
+def with_gpu_architectures(config: HostConfig, gpus: list[Gpu]) -> HostConfig:
+    """Unset CUDA architectures become this host's GPUs' (build for them only: no PTX JIT).
+
+    They are part of the build id, so a GPU of another generation means a new build.
+    """
+    if not config.build.cuda or config.build.cuda_architectures or not gpus:
+        return config
+    archs = sorted({gpu.cuda_architecture for gpu in gpus})
+    build = config.build.model_copy(update={"cuda_architectures": archs})
+    return config.model_copy(update={"build": build})
+
+
+def host_setups(
+    hosts: Iterable[Any],
+    read_gpus: GpuReader | None,
+    *,
+    meta_for: MetaFor = meta_for_model,
+) -> dict[str, HostSetup]:
+    """Validated, GPU-resolved and planned setup of every host; FleetConfigError lists all.
+
+    + hosts: pyinfra inventory hosts (their `data` already merged by pyinfra, `--data` included)
+    + read_gpus: reads the GPUs of the hosts it is given (the deploy: every host's NvidiaGpus
+      fact); None plans from host data alone
+    + meta_for: GGUF metadata of a model (read once per model for the whole fleet)
+    """
+    hosts = list(hosts)
+    configs: dict[str, HostConfig] = {}
+    errors: list[str] = []
+    for host in hosts:
+        try:
+            configs[host.name] = parse_host_config(host.name, host_data_of(host.data.get))
+        except ConfigError as exc:
+            errors.append(str(exc))
+    read: dict[str, list[Gpu]] = {}
+    unreadable: dict[str, str] = {}
+    if read_gpus is not None and configs:
+        read, unreadable = read_gpus([(h, configs[h.name]) for h in hosts if h.name in configs])
+        errors += [f"host {name}: {why}" for name, why in unreadable.items()]
+
+    setups: dict[str, HostSetup] = {}
+    read_meta = memoized(meta_for)
+    for name, config in configs.items():
+        if name in unreadable:
+            continue
+        gpus = read.get(name)
+        found, uuids, gpu_errors = resolve_gpus(name, config, gpus)
+        if gpu_errors:
+            errors += gpu_errors
+            continue
+        config = with_gpu_architectures(config, gpus or [])
+        try:
+            plan = plan_host(name, config, found, read_meta)
+        except PlanConfigError as exc:
+            errors += exc.errors
+            continue
+        setups[name] = HostSetup(config, plan, gpus or [], uuids)
+    if errors:
+        raise FleetConfigError(errors)
+    return setups
