@@ -30,6 +30,9 @@ KvType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0",
 Layers = int | Literal["all", "auto"]
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")]
 AbsPath = Annotated[str, Field(pattern=r"^/[^\x00\n]*$")]
+# A path that becomes the executable of an ExecStart=: systemd refuses quotes, \ and control
+# characters in it (string_is_safe).
+ExecutableRoot = Annotated[str, Field(pattern=r"^/[^\x00-\x1f\x7f\"'\\]*$")]
 
 HOST_DATA_KEYS = {
     "llamacpp": "llamacpp",
@@ -78,7 +81,7 @@ class BuildConfig(_Model):
     cuda_architectures: list[Annotated[int, Field(ge=50, le=200)]] | None = None
     # -DNAME=value, no whitespace (each is one argument to cmake)
     cmake_flags: list[Annotated[str, Field(pattern=r"^-D[A-Za-z0-9_]+(:[A-Z]+)?=\S*$")]] = []
-    install_root: AbsPath = "/opt/llama.cpp"
+    install_root: ExecutableRoot = "/opt/llama.cpp"
     ccache_dir: AbsPath | None = None
     install_cuda_toolkit: bool = False
     jobs: Annotated[int, Field(ge=1)] | None = None

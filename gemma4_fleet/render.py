@@ -144,8 +144,14 @@ def systemd_escape(value: str, *, command_line: bool = False) -> str:
 
 
 def exec_start(argv: list[str]) -> str:
-    """The value of ExecStart= that runs exactly `argv`."""
-    return " ".join(systemd_escape(arg, command_line=True) for arg in argv)
+    """The value of ExecStart= that runs exactly `argv`.
+
+    systemd expands ``$VAR`` in the arguments but not in the executable's path: a ``$`` there is
+    taken as is (``$$`` would stay two).
+    """
+    executable, *args = argv
+    words = [systemd_escape(executable)] + [systemd_escape(a, command_line=True) for a in args]
+    return " ".join(words)
 
 
 def cuda_environment(gpu_uuid: str) -> str:

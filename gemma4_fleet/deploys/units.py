@@ -103,13 +103,14 @@ def instance_unit(
         name=f"Unit {inst.unit}",
         src=template("llama-server.service.j2"),
         dest=f"/etc/systemd/system/{inst.unit}",
-        instance=inst,
-        exec_start=exec_start(argv),
-        service_user=systemd_escape(config.service_user),
-        cuda_env=cuda_environment(uuid) if uuid else None,
-        groups=[g for g in ("video", "render") if g in host.get_fact(Groups)],
-        restart_backoff=host.get_fact(SystemdVersion) >= 254,
-        read_only_paths=systemd_escape(config.models_dir),
+        **server_unit_values(
+            config,
+            inst,
+            argv,
+            uuid,
+            groups=[g for g in ("video", "render") if g in host.get_fact(Groups)],
+            restart_backoff=host.get_fact(SystemdVersion) >= 254,
+        ),
         **RENDER,
     )
     smoke = smoke_units(config, inst)
@@ -157,6 +158,38 @@ def instance_unit(
     return [unit, *smoke, started, restarted, verified]
 
 
+def server_unit_values(
+    config: HostConfig,
+    inst: Instance,
+    argv: list[str],
+    gpu_uuid: str | None,
+    *,
+    groups: list[str],
+    restart_backoff: bool,
+) -> dict[str, Any]:
+    """What llama-server.service.j2 places: every free value already escaped for systemd."""
+    return {
+        "instance": inst,
+        "exec_start": exec_start(argv),
+        "service_user": systemd_escape(config.service_user),
+        "cuda_env": cuda_environment(gpu_uuid) if gpu_uuid else None,
+        "groups": [systemd_escape(group) for group in groups],
+        "restart_backoff": restart_backoff,
+        "read_only_paths": systemd_escape(config.models_dir),
+    }
+
+
+def smoke_unit_values(config: HostConfig, inst: Instance) -> dict[str, Any]:
+    """What llama-smoke.service.j2 places: every free value already escaped for systemd."""
+    return {
+        "instance": inst,
+        "exec_start": exec_start(smoke_argv(config, inst)),
+        "state_dir": SMOKE_STATE_DIR,
+        "service_user": systemd_escape(config.service_user),
+        "gpu": inst.gpu is not None,
+    }
+
+
 def smoke_units(config: HostConfig, inst: Instance) -> list[OperationMeta]:
     """The oneshot smoke-check service and its timer (the same check the deploy runs)."""
     if not config.smoke.enabled:
@@ -166,11 +199,7 @@ def smoke_units(config: HostConfig, inst: Instance) -> list[OperationMeta]:
         name=f"Unit {inst.smoke_unit}",
         src=template("llama-smoke.service.j2"),
         dest=f"/etc/systemd/system/{inst.smoke_unit}",
-        instance=inst,
-        exec_start=exec_start(smoke_argv(config, inst)),
-        state_dir=SMOKE_STATE_DIR,
-        service_user=systemd_escape(config.service_user),
-        gpu=inst.gpu is not None,
+        **smoke_unit_values(config, inst),
         **RENDER,
     )
     timer_file = files.template(

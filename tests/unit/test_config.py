@@ -116,6 +116,12 @@ def test_parallel_mtp_is_refused_without_the_override() -> None:
             "exactly one of url",
         ),
         ({"llama_instances": []}, "llama_instances", "at least 1"),
+        # the build's binary is ExecStart's executable: systemd refuses quotes and backslashes
+        (
+            {"llamacpp_build": {"install_root": "/opt/it's"}},
+            "llamacpp_build.install_root",
+            "pattern",
+        ),
         ({"llama_server": {"bogus_flag": 1}}, "llama_instances[gemma4].bogus_flag", "Extra inputs"),
     ],
 )

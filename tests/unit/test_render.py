@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import shlex
 import subprocess
 from pathlib import Path
+from typing import Any
 
+import jinja2
 import pytest
 
 from gemma4_fleet.config import ConfigError, parse_host_config
+from gemma4_fleet.deploys.units import server_unit_values, smoke_unit_values
 from gemma4_fleet.render import (
     exec_start,
     flags_of,
@@ -20,6 +22,7 @@ from tests.unit.test_config import SHA, host_data
 
 pytestmark = pytest.mark.unit
 DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_seed_003_recipe_argv_exactly() -> None:
@@ -102,28 +105,67 @@ def test_flags_of_ignores_values() -> None:
 
 
 @pytest.mark.parametrize(
-    "hostile",
-    ["my-service; whoami", 'a "quoted" $HOME %h \\ back', "two words", "new\nline", "100%"],
+    ("value", "command_line", "escaped"),
+    [
+        ("/opt/llama.cpp/bin/llama-server", True, "/opt/llama.cpp/bin/llama-server"),
+        ("my-service; whoami", True, '"my-service; whoami"'),
+        ('a "quoted" $HOME %h \\ back', True, '"a \\"quoted\\" $$HOME %%h \\\\ back"'),
+        ('a "quoted" $HOME %h \\ back', False, '"a \\"quoted\\" $HOME %%h \\\\ back"'),
+        ("new\nline", False, '"new\\nline"'),
+        ("100%", False, '"100%%"'),
+        ("CUDA_VISIBLE_DEVICES=GPU-1", False, "CUDA_VISIBLE_DEVICES=GPU-1"),
+    ],
 )
-def test_systemd_quoting_survives_hostile_values(hostile: str) -> None:
-    quoted = systemd_escape(hostile)
-    # systemd unescapes %% and $$; after that the word must split back to exactly one argument.
-    unescaped = quoted.replace("%%", "%").replace("$$", "$").replace("\\n", "\n")
-    assert shlex.split(unescaped, posix=True) == [hostile.replace("\n", "\n")] or (
-        "\n" in hostile and shlex.split(unescaped) == [hostile]
-    )
-    assert ";" not in quoted or quoted.startswith('"')
+def test_systemd_escape_by_hand(value: str, command_line: bool, escaped: str) -> None:
+    assert systemd_escape(value, command_line=command_line) == escaped
 
 
-def test_exec_start_verified_by_systemd_analyze(tmp_path: Path) -> None:
-    """systemd itself parses the rendered ExecStart back into the same argv."""
-    analyze = subprocess.run(["which", "systemd-analyze"], capture_output=True, check=False)
-    if analyze.returncode != 0:
-        pytest.skip("systemd-analyze not installed")
-    argv = ["/bin/echo", "my-service; whoami", "$HOME", "50%", 'say "hi"']
-    unit = tmp_path / "q.service"
-    unit.write_text(f"[Service]\nExecStart={exec_start(argv)}\n")
-    result = subprocess.run(
-        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False
+HOSTILE = 'x; whoami $HOME %h "q" \\ 50%'
+
+
+def _render(name: str, values: dict[str, Any]) -> str:
+    env = jinja2.Environment(  # noqa: S701 (unit files, not HTML)
+        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True
     )
-    assert "Failed to parse" not in result.stderr, result.stderr
+    return env.from_string((ROOT / "templates" / name).read_text()).render(**values)
+
+
+def test_rendered_units_with_hostile_values_pass_systemd_analyze(tmp_path: Path) -> None:
+    """systemd parses the real templates, filled with hostile values, without an error.
+
+    The fleet test test_units.py runs such a unit under systemd and reads back argv, environment
+    and the read-only path exactly.
+    """
+    root = tmp_path / "opt x; whoami $HOME %h 50%"  # systemd refuses quotes and \\ here
+    data = host_data(
+        llamacpp_build={"install_root": str(root), "cuda_architectures": [89]},
+        llama_models_dir=f"/var/lib/{HOSTILE}",
+        llama_service_user="root",
+        llama_server={"extra_args": ["--alias", HOSTILE]},
+    )
+    config = parse_host_config("box1", data)
+    inst = config.instances[0]
+    binary = Path(config.server_binary)
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    argv = server_argv(config, inst)
+    server = server_unit_values(
+        config, inst, argv, f"GPU-{HOSTILE}", groups=["video"], restart_backoff=False
+    )
+    units = {
+        inst.unit: _render("llama-server.service.j2", server),
+        inst.smoke_unit: _render("llama-smoke.service.j2", smoke_unit_values(config, inst)),
+    }
+    assert f"ExecStart={exec_start(argv)}\n" in units[inst.unit]
+    assert f"ReadOnlyPaths={systemd_escape(config.models_dir)}\n" in units[inst.unit]
+    for name, text in units.items():
+        (tmp_path / name).write_text(text)
+    done = subprocess.run(
+        ["systemd-analyze", "verify", *(str(tmp_path / name) for name in units)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    problems = [line for line in done.stderr.splitlines() if "python3" not in line]
+    assert done.returncode == 0 and not problems, done.stderr
