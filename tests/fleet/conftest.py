@@ -102,6 +102,23 @@ def deployed(fleet: Fleet) -> PyinfraRun:
     return run
 
 
+@pytest.fixture
+def demo_restored(fleet: Fleet, deployed: PyinfraRun) -> Iterator[None]:
+    """After the test, passed or failed: the plain demo deploy again, so a test that changed
+    the units (and maybe failed half-way) never leaves them to the next test."""
+    yield
+    back = run_pyinfra("deploys/gemma4_mtp.py")
+    assert back.returncode == 0, back.output[-3000:]
+
+
+@pytest.fixture(scope="module")
+def demo_restored_after_module(fleet: Fleet, deployed: PyinfraRun) -> Iterator[None]:
+    """As demo_restored, once after every test of a module (each of which redeploys anyway)."""
+    yield
+    back = run_pyinfra("deploys/gemma4_mtp.py")
+    assert back.returncode == 0, back.output[-3000:]
+
+
 def http(fleet: Fleet, name: str, path: str, **kwargs: Any) -> requests.Response:
     """A request to a host's llama-server over its veth (traffic stays on the fleet's netns)."""
     address = fleet.hosts[name].address

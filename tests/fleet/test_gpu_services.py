@@ -68,9 +68,19 @@ def test_audio_services_are_pinned_by_drop_in(fleet: Fleet, audio: dict[str, str
         ).stdout
         assert own_units == audio[name]
     again = run_pyinfra("deploys/gemma4_mtp.py", *data_arg("gpu_services", SERVICES))
+    assert again.returncode == 0 and again.results, again.output[-3000:]
     assert again.changed() == {}, again.changed()
 
 
+@pytest.fixture
+def pinned_back(fleet: Fleet, audio: dict[str, str]) -> Iterator[None]:
+    """After the test, passed or failed: the full deploy with the services pinned as listed."""
+    yield
+    restore = run_pyinfra("deploys/gemma4_mtp.py", *data_arg("gpu_services", SERVICES))
+    assert restore.returncode == 0, restore.output[-3000:]
+
+
+@pytest.mark.usefixtures("pinned_back")
 def test_redeploy_restarts_only_the_chosen_unit(fleet: Fleet, audio: dict[str, str]) -> None:
     units = [UNIT, *AUDIO, "llama-smoke-gemma3.timer"]
     before = {n: {u: state_of(fleet, n, u) for u in units} for n in fleet.hosts}
@@ -115,8 +125,6 @@ def test_redeploy_restarts_only_the_chosen_unit(fleet: Fleet, audio: dict[str, s
     )
     assert state_of(fleet, "g4f-node1", "tts.service") == after["g4f-node1"]["tts.service"]
     assert state_of(fleet, "g4f-node1", UNIT) == after["g4f-node1"][UNIT]
-    restore = run_pyinfra("deploys/gemma4_mtp.py", *data_arg("gpu_services", SERVICES))
-    assert restore.returncode == 0, restore.output[-3000:]
 
 
 def test_redeploy_of_an_unknown_unit_changes_nothing(fleet: Fleet, audio: dict[str, str]) -> None:

@@ -12,7 +12,7 @@ from gemma4_fleet.memory_model import kv_cache_bytes
 from gemma4_fleet.testfleet.hosts import Fleet
 from gemma4_fleet.testfleet.inventory import demo_data
 from tests.fleet.conftest import PyinfraRun, data_arg, run_pyinfra
-from tests.fleet.test_deploy import UNIT, unit_state
+from tests.fleet.test_deploy import unit_state
 
 pytestmark = pytest.mark.fleet
 MIB = 1024 * 1024
@@ -22,6 +22,7 @@ MIB = 1024 * 1024
     ("ctx", "parallel", "cache"),
     [(4096, 1, "q8_0"), (4096, 1, "f16"), (8192, 2, "q8_0")],
 )
+@pytest.mark.usefixtures("demo_restored_after_module")
 def test_kv_prediction_matches_the_server_log(
     fleet: Fleet, deployed: PyinfraRun, gemma3_270m: Path, ctx: int, parallel: int, cache: str
 ) -> None:
@@ -58,12 +59,3 @@ def test_kv_prediction_matches_the_server_log(
     ]
     print(f"\n{ctx=} {parallel=} {cache=}: predicted {predicted}, logged {logged}")
     assert logged == predicted
-
-
-def test_restore_the_demo_deploy(fleet: Fleet, deployed: PyinfraRun) -> None:
-    run = run_pyinfra("deploys/gemma4_mtp.py")
-    assert run.returncode == 0, run.output[-3000:]
-    assert (
-        "--log-verbosity"
-        not in fleet.ssh("g4f-node1", f"systemctl show -p ExecStart {UNIT}").stdout
-    )

@@ -404,6 +404,8 @@ class Replay:
         ]
         self.completions = [load_json(f"q4_draft_kv/completion_{n}.json") for n in PROMPT_NAMES]
         self.requests: list[tuple[str, str, dict[str, Any] | None]] = []
+        # what failed inside the server thread; the fixture raises it in the test
+        self.errors: list[BaseException] = []
 
 
 def make_handler(replay: Replay) -> type[BaseHTTPRequestHandler]:
@@ -445,12 +447,19 @@ def make_handler(replay: Replay) -> type[BaseHTTPRequestHandler]:
                 return self.send(200, replay.completions.pop(0))
             return self.send(404, {"error": {"message": "File Not Found"}})
 
+        def recorded(self, body: dict[str, Any] | None) -> None:
+            try:
+                self.handle_any(body)
+            except BaseException as exc:
+                replay.errors.append(exc)
+                self.send(500, {"error": {"message": f"replay handler failed: {exc!r}"}})
+
         def do_GET(self) -> None:
-            self.handle_any(None)
+            self.recorded(None)
 
         def do_POST(self) -> None:
             n = int(self.headers.get("Content-Length", "0"))
-            self.handle_any(json.loads(self.rfile.read(n)))
+            self.recorded(json.loads(self.rfile.read(n)))
 
     return Handler
 
@@ -466,6 +475,9 @@ def replay() -> Iterator[tuple[Replay, str]]:
     finally:
         server.shutdown()
         server.server_close()
+        thread.join()
+    if state.errors:  # an assert in the handler thread fails the test that made the request
+        raise state.errors[0]
 
 
 def config(url: str, **kw: Any) -> sc.Config:
