@@ -12,6 +12,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from gemma4_fleet.host_scripts.smoke_check import Report, load_report, report_from_dict
 from gemma4_fleet.testfleet.hosts import Fleet
 from tests.fleet.conftest import ROOT, PyinfraRun, data_arg, run_pyinfra
 from tests.fleet.test_deploy import UNIT, unit_state
@@ -38,8 +39,8 @@ def prom_families(fleet: Fleet, name: str) -> dict[str, Any]:
     return {family.name: family for family in text_string_to_metric_families(text)}
 
 
-def report(fleet: Fleet, name: str) -> dict[str, Any]:
-    return json.loads(fleet.ssh(name, f"cat {REPORT}").stdout)
+def report(fleet: Fleet, name: str) -> Report:
+    return report_from_dict(json.loads(fleet.ssh(name, f"cat {REPORT}").stdout))
 
 
 def test_deploy_prints_the_fleet_table_and_collects_reports(
@@ -50,11 +51,11 @@ def test_deploy_prints_the_fleet_table_and_collects_reports(
         line = next(row for row in deployed.output.splitlines() if row.strip().startswith(name))
         assert "llama-server-gemma3" in line and "gemma-3-270m-q4_k_m.gguf" in line
         assert line.split()[-1] == "pass" and " 200 " in line
-        collected = json.loads((ROOT / "out" / "smoke" / name / "gemma3.json").read_text())
-        assert collected["status"] == "pass"
-        assert collected["build_info"].endswith(fleet.mirror_commit[:7])
-        assert collected["tokens_per_second"]["median"] > 0
-        assert 0 < collected["acceptance"] <= 1
+        collected = load_report(str(ROOT / "out" / "smoke" / name / "gemma3.json"))
+        assert collected.status == "pass"
+        assert (collected.build_info or "").endswith(fleet.mirror_commit[:7])
+        assert (collected.tokens_per_second or 0) > 0
+        assert 0 < (collected.acceptance or 0) <= 1
         families = prom_families(fleet, name)
         assert set(families) >= METRICS
         passed = families["gemma4_smoke_passed"].samples[0]
@@ -103,8 +104,8 @@ def test_a_busy_slot_is_skipped_not_queued(fleet: Fleet, deployed: PyinfraRun) -
         result = fleet.ssh(name, f"systemctl start {SMOKE}.service", check=False)
         assert result.returncode == 0, result.stderr
         skipped = report(fleet, name)
-        assert skipped["status"] == "skipped"
-        assert skipped["reasons"] == ["busy"]
+        assert skipped.status == "skipped"
+        assert skipped.reasons == ["busy"]
         assert prom_families(fleet, name)["gemma4_smoke_skipped"].samples[0].value == 1
     finally:
         stop.set()

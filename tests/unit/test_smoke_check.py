@@ -24,6 +24,7 @@ import stat
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gemma4_fleet.deploys.reporting import table_row
 from gemma4_fleet.host_scripts import smoke_check as sc
 
 pytestmark = pytest.mark.unit
@@ -376,6 +378,21 @@ def test_report_json_and_summary() -> None:
     line = sc.summary_line(report)
     assert "\n" not in line
     assert line.startswith('smoke gpu01/gemma4 "a" PASS: 29.7 tok/s median, acceptance 0.947')
+    # what every reader gets back: the same typed report
+    assert sc.report_from_dict(d) == report
+
+
+def test_fleet_table_reads_the_typed_report(tmp_path: Path) -> None:
+    path = tmp_path / "gemma4.json"
+    path.write_text(json.dumps(sc.report_to_dict(replace(full_report(), instance="gemma4"))))
+    row = table_row("gpu01", sc.load_report(str(path)))
+    assert row == (
+        "gpu01", "llama-server-gemma4.service", "gemma-3-270m-q4_k_m.gguf", "b1-0c1e570", "200",
+        "29.7",
+        "0.95", "pass",
+    )  # fmt: skip
+    down = sc.Report(instance="x", url="u", health=sc.HealthResult(False, None, 900.0))
+    assert table_row("h", down)[2:] == ("-", "-", "down", "-", "-", "fail")
 
 
 def test_write_atomic(tmp_path: Path) -> None:
