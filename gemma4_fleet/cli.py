@@ -39,7 +39,7 @@ def _load_inventory(path: str) -> tuple[Any, Any]:
     return state, inventory
 
 
-def _limit(inventory: Any, patterns: list[str]) -> list[Any]:
+def _limited_hosts(inventory: Any, patterns: list[str]) -> list[Any]:
     """Hosts of the inventory, limited like pyinfra's --limit (group names or host globs)."""
     from pyinfra.api.exceptions import NoGroupError
 
@@ -106,7 +106,7 @@ def _plan(args: argparse.Namespace) -> int:
     from gemma4_fleet.pipeline import FleetConfigError, host_setups
 
     state, inventory = _load_inventory(args.inventory)
-    hosts = _limit(inventory, args.limit)
+    hosts = _limited_hosts(inventory, args.limit)
     if not hosts:
         raise ConfigError(f"inventory {args.inventory}: no hosts")
     read = partial(_read_gpus, state, inventory) if args.from_hosts else None

@@ -108,7 +108,7 @@ def smoke_argv(config: HostConfig, inst: Instance) -> list[str]:
     return argv
 
 
-def flags_of(argv: list[str]) -> list[str]:
+def flag_names(argv: list[str]) -> list[str]:
     """The option names in an argv (what the built binary's --help must know)."""
     return [arg.split("=", 1)[0] for arg in argv[1:] if re.match(r"^--?[A-Za-z]", arg)]
 

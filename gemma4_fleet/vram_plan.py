@@ -175,14 +175,14 @@ class HostPlan:
     def ctx_for(self, instance_name: str) -> int:
         """The --ctx-size of an instance (the configured one, or what "auto" chose)."""
         try:
-            return self.of(instance_name).ctx
+            return self.instance_plan(instance_name).ctx
         except KeyError:
             raise ConfigError(
                 f"host {self.host}: no planned instance named {instance_name!r} "
                 f"(have: {', '.join(self._by_name)})"
             ) from None
 
-    def of(self, instance_name: str) -> InstancePlan:
+    def instance_plan(self, instance_name: str) -> InstancePlan:
         return self._by_name[instance_name]
 
     @property
@@ -289,11 +289,11 @@ class _Models:
     drafter: ModelMeta | None
 
 
-def _layers(value: int | str) -> GpuLayers:
+def _planned_layers(value: int | str) -> GpuLayers:
     return value if isinstance(value, int) else "all"  # "auto" planned as "all"
 
 
-def _caches(inst: Instance) -> tuple[CacheOptions, CacheOptions]:
+def _cache_options(inst: Instance) -> tuple[CacheOptions, CacheOptions]:
     """(target, drafter) cache options: explicit --parallel slots, never unified."""
     flash = inst.flash_attn != "off"
     return (
@@ -304,14 +304,14 @@ def _caches(inst: Instance) -> tuple[CacheOptions, CacheOptions]:
 
 def _usage(inst: Instance, models: _Models, n_ctx: int) -> GpuUsage:
     """GPU bytes of target + drafter at n_ctx (each model with its own cache types and layers)."""
-    target_cache, draft_cache = _caches(inst)
+    target_cache, draft_cache = _cache_options(inst)
     return gpu_usage(
         models.target,
         n_ctx=n_ctx,
         cache=target_cache,
-        gpu_layers=_layers(inst.gpu_layers),
+        gpu_layers=_planned_layers(inst.gpu_layers),
         drafter=models.drafter,
-        drafter_gpu_layers=_layers(inst.draft_gpu_layers),
+        drafter_gpu_layers=_planned_layers(inst.draft_gpu_layers),
         draft_cache=draft_cache,
     )
 
@@ -359,7 +359,7 @@ class _Host:
         gpu = self.gpus.get(ref)
         return gpu.uuid if gpu is not None else ref
 
-    def models(self, meta_for: MetaFor) -> dict[str, ModelMeta]:
+    def model_metas(self, meta_for: MetaFor) -> dict[str, ModelMeta]:
         metas = {}
         for name, model in self.config.used_models().items():
             source = "url" if model.local_path is None else "local_path"
@@ -369,7 +369,7 @@ class _Host:
                 self.error(f"llama_models.{name}.{source}", str(exc))
         return metas
 
-    def pairing(self, inst: Instance, models: _Models) -> None:
+    def check_pairing(self, inst: Instance, models: _Models) -> None:
         if models.drafter is None or inst.drafter is None:
             return
         try:
@@ -407,7 +407,7 @@ class _Host:
             ctx = per_slot * inst.parallel
         else:
             ctx = inst.ctx_size
-        target_cache, draft_cache = _caches(inst)
+        target_cache, draft_cache = _cache_options(inst)
         weights = kv = 0
         for meta, cache in ((models.target, target_cache), (models.drafter, draft_cache)):
             if meta is None:
@@ -424,7 +424,7 @@ class _Host:
             ).total
         return InstancePlan(inst.name, None, inst.ctx_size, ctx, weights, kv)
 
-    def budget(self, inst: Instance, ref: str) -> tuple[int, str] | None:
+    def budget_of(self, inst: Instance, ref: str) -> tuple[int, str] | None:
         gpu = self.gpus.get(ref)
         keys = [ref] + ([str(gpu.index), gpu.uuid] if gpu is not None else [])
         for key in keys:
@@ -445,7 +445,7 @@ class _Host:
     ) -> list[InstancePlan]:
         """Rows of every instance on one GPU; at most one error for the GPU's fit."""
         ref = insts[0].gpu or key
-        found = self.budget(insts[0], ref)
+        found = self.budget_of(insts[0], ref)
         if found is None:
             return []
         budget_mib, source = found
@@ -557,13 +557,13 @@ def plan_host(
     (gemma4_fleet.pipeline); a reference not in it takes its budget from `gpu_memory_mib`.
     """
     host = _Host(host_name, config, gpus)
-    metas = host.models(meta_for)
+    metas = host.model_metas(meta_for)
     models: dict[str, _Models] = {}
     for inst in config.instances:
         if inst.target not in metas or (inst.drafter is not None and inst.drafter not in metas):
             continue  # its model's error is already reported
         pair = _Models(metas[inst.target], metas[inst.drafter] if inst.drafter else None)
-        host.pairing(inst, pair)
+        host.check_pairing(inst, pair)
         if host.check_train_ctx(inst, pair):
             models[inst.name] = pair
 

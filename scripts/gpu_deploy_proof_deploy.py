@@ -24,7 +24,7 @@ from gemma4_fleet import operations as g4f
 from gemma4_fleet.deploys import host_setup
 from gemma4_fleet.deploys.build import llama_cpp
 from gemma4_fleet.deploys.models import models
-from gemma4_fleet.render import flags_of, server_argv
+from gemma4_fleet.render import flag_names, server_argv
 
 setup = host_setup()
 config, plan = setup.config, setup.plan
@@ -48,7 +48,7 @@ for inst in config.instances:
     g4f.flags_known(
         name=f"{inst.unit}: flags known to the build",
         binary=config.server_binary,
-        flags=flags_of(argv),
+        flags=flag_names(argv),
     )
     dump["instances"].append(  # type: ignore[attr-defined]
         {

@@ -9,7 +9,7 @@ from pyinfra.operations import files, server, systemd
 
 from gemma4_fleet import operations as g4f
 from gemma4_fleet.config import GpuService
-from gemma4_fleet.deploys.units import RENDER, template
+from gemma4_fleet.deploys.units import RENDER, template_path
 from gemma4_fleet.facts import SystemdUnitExists
 from gemma4_fleet.pipeline import HostSetup
 from gemma4_fleet.render import cuda_environment
@@ -33,7 +33,7 @@ def pin_gpu_service(setup: HostSetup, svc: GpuService) -> list[OperationMeta]:
         return []
     dropin = files.template(
         name=f"Drop-in {svc.unit}.d/{GPU_DROPIN}",
-        src=template("gpu-pin.conf.j2"),
+        src=template_path("gpu-pin.conf.j2"),
         dest=f"/etc/systemd/system/{svc.unit}.d/{GPU_DROPIN}",
         cuda_env=cuda_environment(setup.uuids[svc.gpu]),
         create_remote_dir=True,

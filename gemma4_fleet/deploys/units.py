@@ -29,7 +29,7 @@ from gemma4_fleet.render import (
     VERIFY_SCRIPT,
     cuda_environment,
     exec_start,
-    flags_of,
+    flag_names,
     server_argv,
     smoke_argv,
     smoke_report,
@@ -43,7 +43,7 @@ RENDER: dict[str, Any] = {
 }
 
 
-def template(name: str) -> str:
+def template_path(name: str) -> str:
     """Path of a packaged unit template."""
     return str(package_files("gemma4_fleet") / "templates" / name)
 
@@ -97,11 +97,11 @@ def instance_unit(
     g4f.flags_known(
         name=f"{inst.unit}: flags known to the build",
         binary=config.server_binary,
-        flags=flags_of(argv),
+        flags=flag_names(argv),
     )
     unit = files.template(
         name=f"Unit {inst.unit}",
-        src=template("llama-server.service.j2"),
+        src=template_path("llama-server.service.j2"),
         dest=f"/etc/systemd/system/{inst.unit}",
         **server_unit_values(
             config,
@@ -197,14 +197,14 @@ def smoke_units(config: HostConfig, inst: Instance) -> list[OperationMeta]:
     timer = inst.smoke_timer
     service = files.template(
         name=f"Unit {inst.smoke_unit}",
-        src=template("llama-smoke.service.j2"),
+        src=template_path("llama-smoke.service.j2"),
         dest=f"/etc/systemd/system/{inst.smoke_unit}",
         **smoke_unit_values(config, inst),
         **RENDER,
     )
     timer_file = files.template(
         name=f"Unit {timer}",
-        src=template("llama-smoke.timer.j2"),
+        src=template_path("llama-smoke.timer.j2"),
         dest=f"/etc/systemd/system/{timer}",
         instance=inst,
         smoke=config.smoke,

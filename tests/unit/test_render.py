@@ -13,7 +13,7 @@ from gemma4_fleet.config import ConfigError, parse_host_config
 from gemma4_fleet.deploys.units import server_unit_values, smoke_unit_values
 from gemma4_fleet.render import (
     exec_start,
-    flags_of,
+    flag_names,
     parse_help_flags,
     server_argv,
     systemd_escape,
@@ -89,15 +89,15 @@ def test_help_of_the_pinned_build_knows_every_recipe_flag() -> None:
     """Recorded `llama-server --help` of commit 0c1e570 (CPU build)."""
     known = parse_help_flags((DATA / "llama-server-help-0c1e570.txt").read_text())
     config = parse_host_config("box1", host_data())
-    assert set(flags_of(server_argv(config, config.instances[0]))) <= known
+    assert set(flag_names(server_argv(config, config.instances[0]))) <= known
     assert {"-fit", "--fit", "-fa", "--flash-attn", "-ctkd", "--spec-draft-type-k"} <= known
-    # Removed at this pin (seed 000/001 still use them): the server aborts on them.
+    # Removed at this pin (older recipes still use them): the server aborts on them.
     assert "--draft-max" not in known
     assert "--spec-type" in known
 
 
-def test_flags_of_ignores_values() -> None:
-    assert flags_of(["bin", "--port", "8080", "--fit=off", "-c", "-1", "x"]) == [
+def test_flag_names_ignore_values() -> None:
+    assert flag_names(["bin", "--port", "8080", "--fit=off", "-c", "-1", "x"]) == [
         "--port",
         "--fit",
         "-c",

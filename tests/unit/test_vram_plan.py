@@ -208,7 +208,7 @@ def test_auto_ctx_is_the_largest_multiple_of_256_that_fits(
     assert ctx % 256 == 0 and 4096 <= ctx < TINY.context_length
     assert fits(ctx) and not fits(ctx + 256)
 
-    row = plan.of("gemma4")
+    row = plan.instance_plan("gemma4")
     assert row.kv == kv_tiny(ctx)
     assert row.weights == weight_bytes_on_gpu(target) + weight_bytes_on_gpu(drafter)
     # the assistant reads the target's KV cache: its compute buffer is sized over the target's
@@ -245,7 +245,7 @@ def test_fixed_ctx_that_fits_passes_through(gemma3_270m: Path, meta_270m: ModelM
     config = _host(
         {"g3": _model("target", gemma3_270m)}, [_g3(ctx_size=4000)], gpu_memory_mib={"0": 2000}
     )
-    row = _plan(config).of("gemma3")
+    row = _plan(config).instance_plan("gemma3")
     assert row.ctx == 4000  # what goes into --ctx-size; llama.cpp pads the cache to 4096
     assert row.kv == kv_270m(4096)
     assert row.compute == compute_buffer_bytes(meta_270m, n_ctx=4096, cache=Q8)
@@ -353,7 +353,7 @@ def test_cpu_instances(gemma3_270m: Path, meta_270m: ModelMeta) -> None:
     plan = _plan(config)
     assert plan.ctx_for("auto") == min(meta_270m.context_length, CPU_AUTO_CTX) == 8192
     assert plan.ctx_for("fixed") == 2048
-    row = plan.of("fixed")
+    row = plan.instance_plan("fixed")
     assert row.gpu is None and row.budget is None and row.fits
     assert row.kv == kv_270m(2048) and row.weights == meta_270m.total_tensor_bytes
     with pytest.raises(ConfigError, match="no planned instance named 'nope'"):
@@ -369,12 +369,12 @@ H100 = Gpu(0, "GPU-11111111-2222-3333-4444-555555555555", "NVIDIA H100 80GB HBM3
 def test_budget_from_nvidia_smi_or_host_data(gemma3_270m: Path) -> None:
     models = {"g3": _model("target", gemma3_270m)}
     by_uuid = _host(models, [_g3(gpu=H100.uuid)])
-    row = _plan(by_uuid, [H100]).of("gemma3")
+    row = _plan(by_uuid, [H100]).instance_plan("gemma3")
     assert row.budget == H100.memory_total_mib * MIB and row.budget_source == "nvidia-smi"
     assert (row.gpu_index, row.gpu_uuid, row.gpu_name) == (0, H100.uuid, H100.name)
     # gpu_memory_mib wins, under the index even when the instance names the UUID
     capped = _host(models, [_g3(gpu=H100.uuid)], gpu_memory_mib={"0": 20000})
-    row = _plan(capped, [H100]).of("gemma3")
+    row = _plan(capped, [H100]).instance_plan("gemma3")
     assert row.budget == 20000 * MIB and row.budget_source == "gpu_memory_mib.0"
 
     assert _plan_error(_host(models, [_g3(gpu="3")]), [H100]).startswith(
@@ -398,7 +398,7 @@ def test_instances_and_services_sharing_a_gpu(
         gpu_services=[{**whisper, "share_gpu_with_llama": True}],
     )
     plan = _plan(config)
-    small, big = plan.of("gemma3"), plan.of("gemma4")
+    small, big = plan.instance_plan("gemma3"), plan.instance_plan("gemma4")
     small_total = (
         weight_bytes_on_gpu(meta_270m)
         + kv_270m(4096)
@@ -502,7 +502,7 @@ def test_model_urls(
 
     good = {**_model("target", f"{base}/g3.gguf"), "sha256": GEMMA3_270M_SHA256}
     config = _host({"g3": good}, [_g3()], gpu_memory_mib={"0": 2000})
-    assert _plan(config).of("gemma3").kv == kv_270m(8192)
+    assert _plan(config).instance_plan("gemma3").kv == kv_270m(8192)
     assert (tmp_path / "cache" / "gguf-meta" / f"{GEMMA3_270M_SHA256}.json").is_file()
     assert meta_for_model(ModelFile.model_validate(good)) == meta_270m
 
@@ -577,7 +577,7 @@ def test_pipeline_resolves_each_gpu_once(gemma3_270m: Path) -> None:
     assert reader_saw == ["h"]
     assert setup.gpu_uuid("0") == setup.gpu_uuid(H100.uuid) == H100.uuid
     assert setup.gpu_uuid(None) is None
-    row = setup.plan.of("gemma3")
+    row = setup.plan.instance_plan("gemma3")
     assert row.budget_source == "nvidia-smi" and row.gpu_uuid == H100.uuid
     assert setup.config.build.cuda_architectures == [90]  # from the GPU's compute capability
 
