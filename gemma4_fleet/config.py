@@ -278,15 +278,6 @@ class HostConfig(_Model):
     def server_binary(self) -> str:
         return f"{self.build_dir}/bin/llama-server"
 
-    def instance(self, name: str) -> Instance:
-        for inst in self.instances:
-            if inst.name == name:
-                return inst
-        raise ConfigError(
-            f"no llama-server instance named {name!r} "
-            f"(have: {', '.join(i.name for i in self.instances)})"
-        )
-
 
 def _field_path(loc: tuple[int | str, ...], raw: Mapping[str, Any]) -> str:
     """Turn a pydantic error location into the host-data key a user edits."""

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
 
+from gemma4_fleet.host_scripts.prune import MARKER
 from gemma4_fleet.testfleet.hosts import Fleet
 from gemma4_fleet.testfleet.inventory import demo_data
 from tests.fleet.conftest import PyinfraRun, data_arg, http, run_pyinfra
 
 pytestmark = pytest.mark.fleet
 UNIT = "llama-server-gemma3.service"
+# Directories prune meets under the models folder: one it did not make, one it made and no
+# unit uses; hostile names (space, quotes, %, $) on both.
+FOREIGN = "/var/lib/llama-models/not ours; 'q' \"q\" %h $HOME"
+STALE = "/var/lib/llama-models/old ours; 'q' \"q\" %h $HOME"
 
 
 def unit_state(fleet: Fleet, name: str) -> dict[str, str]:
@@ -59,6 +66,12 @@ def test_second_run_changes_nothing(fleet: Fleet, deployed: PyinfraRun) -> None:
 def test_a_server_flag_change_restarts_without_rebuild_or_download(
     fleet: Fleet, deployed: PyinfraRun
 ) -> None:
+    for name in fleet.hosts:  # for prune, which runs because the units change
+        fleet.ssh(
+            name,
+            f"mkdir -p {shlex.quote(FOREIGN)} {shlex.quote(STALE)} && "
+            f"touch {shlex.quote(STALE)}/{MARKER} {shlex.quote(FOREIGN)}/keep.gguf",
+        )
     before = {name: (mtimes(fleet, name), unit_state(fleet, name)) for name in fleet.hosts}
     run = run_pyinfra("deploys/gemma4_mtp.py", *data_arg("llama_server", {"draft_p_min": 0.25}))
     assert run.returncode == 0, run.output[-3000:]
@@ -73,6 +86,10 @@ def test_a_server_flag_change_restarts_without_rebuild_or_download(
         exec_start = fleet.ssh(name, f"systemctl show -p ExecStart {UNIT}").stdout
         assert "--spec-draft-p-min 0.25" in exec_start
         assert http(fleet, name, "/health").status_code == 200
+        # prune: ours and unused is gone, not ours stays, whatever the names
+        left = fleet.ssh(name, "ls -A /var/lib/llama-models").stdout.splitlines()
+        assert FOREIGN.rsplit("/", 1)[1] in left and STALE.rsplit("/", 1)[1] not in left
+        fleet.ssh(name, f"rm -rf {shlex.quote(FOREIGN)}")
 
 
 def test_unknown_flag_fails_the_host_before_the_unit_is_written(
