@@ -103,9 +103,9 @@ def _read_gpus(
 
 
 def _plan(args: argparse.Namespace) -> int:
+    state, inventory = _load_inventory(args.inventory)  # first: pyinfra_cli patches the stdlib
     from gemma4_fleet.pipeline import FleetConfigError, host_setups
 
-    state, inventory = _load_inventory(args.inventory)
     hosts = _limited_hosts(inventory, args.limit)
     if not hosts:
         raise ConfigError(f"inventory {args.inventory}: no hosts")
