@@ -2,9 +2,10 @@
 
     pyinfra inventories/fleet.py deploys/gemma4_mtp.py
 
-Defaults (pinned llama.cpp, the seed 003 recipe) come from group_data/all.py; any key there can
-be overridden per host here. Every host's data is validated before any host is touched: fill in
-the sha256 of your model files (`sha256sum FILE`) or the deploy stops and names the field.
+The pinned llama.cpp comes from group_data/all.py, the seed 003 recipe and every other default
+from gemma4_fleet/config.py; any key can be overridden per host here. Every host's data is
+validated before any host is touched: fill in the sha256 of your model files (`sha256sum FILE`)
+or the deploy stops and names the field.
 """
 
 # Gemma 4 12B QAT and its MTP assistant drafter (Google's QAT release). `url` is where your hosts
