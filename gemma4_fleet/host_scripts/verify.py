@@ -49,10 +49,12 @@ class Systemd:
         return done.stdout.strip()
 
     def run(self, *args: str) -> bool:
-        return subprocess.run(["systemctl", *args], check=False).returncode == 0
+        return subprocess.run(["systemctl", *args], stdout=sys.stderr, check=False).returncode == 0
 
     def journal(self, unit: str) -> None:
-        subprocess.run(["journalctl", "-u", unit, "-n", "15", "--no-pager"], check=False)
+        subprocess.run(
+            ["journalctl", "-u", unit, "-n", "15", "--no-pager"], stdout=sys.stderr, check=False
+        )
 
 
 def answers(url: str) -> bool:
