@@ -136,9 +136,12 @@ def _fleet(args: argparse.Namespace) -> int:
 def _fleet_action(fleet: Any, args: argparse.Namespace) -> int:
     if args.action == "up":
         began = time.monotonic()
-        hosts = fleet.up(args.count)
+        releases = {"releases": args.release.split(",")} if args.release else {}
+        hosts = fleet.up(args.count, **releases)
         for host in hosts:
-            print(f"{host.name}  {host.address}  booted in {host.boot_seconds:.1f} s")
+            print(
+                f"{host.name}  {host.address}  {host.release}  booted in {host.boot_seconds:.1f} s"
+            )
         print(
             f"fleet of {len(hosts)} up in {time.monotonic() - began:.1f} s; "
             f"mirror {fleet.mirror_url}"
@@ -151,7 +154,11 @@ def _fleet_action(fleet: Any, args: argparse.Namespace) -> int:
     elif args.action == "status":
         print(
             json.dumps(
-                {"hosts": [h.name for h in fleet.hosts.values()], "leftovers": fleet.leftovers()},
+                {
+                    "hosts": [h.name for h in fleet.hosts.values()],
+                    "releases": {h.name: h.release for h in fleet.hosts.values()},
+                    "leftovers": fleet.leftovers(),
+                },
                 indent=2,
             )
         )
@@ -169,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     fleet_sub = fleet.add_subparsers(dest="action", required=True)
     up = fleet_sub.add_parser("up", help="boot N hosts (tears down any earlier fleet first)")
     up.add_argument("count", type=int)
+    up.add_argument(
+        "--release",
+        metavar="NAME[,NAME...]",
+        help="Debian release of the hosts: bookworm (the default) or trixie; a comma list is "
+        "taken in turn, e.g. bookworm,trixie: node1 bookworm, node2 trixie",
+    )
     fleet_sub.add_parser("down", help="tear down every host, mount, link and mirror")
     fleet_sub.add_parser("status", help="hosts and anything of ours left on this machine")
     for action in ("stop", "start"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import re
 import shutil
@@ -9,7 +10,11 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SUITE = "bookworm"
+# The Debian releases a test host can run, oldest first. Both come from the same mirror and are
+# verified with this machine's debian-archive-keyring (bookworm's 2023.3+deb12u2 already holds
+# the trixie signing keys).
+RELEASES = ("bookworm", "trixie")
+SUITE = RELEASES[0]
 # What a host needs: systemd as PID 1, sshd, python3 (pyinfra facts, the smoke check) and the
 # toolchain llama.cpp builds with. The hosts have no route out, so it must all be in the image.
 PACKAGES = (
@@ -52,21 +57,26 @@ class BaseRecipe:
 
 
 def apt_mirror(sources_dir: Path = Path("/etc/apt")) -> str:
-    """The Debian mirror this machine's apt already uses (so debootstrap reaches the same one)."""
+    """The Debian mirror this machine's apt already uses (so debootstrap reaches the same one).
+
+    Any release's main archive will do: one Debian mirror carries every release.
+    """
     deb822 = sorted((sources_dir / "sources.list.d").glob("*.sources"))
     for path in deb822:
         for stanza in path.read_text().split("\n\n"):
             uris = re.search(r"^URIs:\s*(\S+)", stanza, re.M)
             suites = re.search(r"^Suites:\s*(.+)$", stanza, re.M)
-            if uris and suites and SUITE in suites.group(1).split():
+            if uris and suites and set(RELEASES) & set(suites.group(1).split()):
                 return uris.group(1)
     one_line = sources_dir / "sources.list"
     if one_line.exists():
         for line in one_line.read_text().splitlines():
             parts = line.split()
-            if len(parts) >= 3 and parts[0] == "deb" and parts[2] == SUITE:
+            if len(parts) >= 3 and parts[0] == "deb" and parts[2] in RELEASES:
                 return parts[1]
-    raise BaseBuildError(f"no apt source for {SUITE} found under {sources_dir}")
+    raise BaseBuildError(
+        f"no apt source for Debian {' or '.join(RELEASES)} found under {sources_dir}"
+    )
 
 
 def _customise(root: Path) -> None:
@@ -92,9 +102,23 @@ def ensure_base(cache: Path, recipe: BaseRecipe | None = None, log: Path | None 
     A failed build leaves nothing behind: it happens in a temporary folder renamed at the end.
     """
     recipe = recipe or BaseRecipe()
+    if recipe.suite not in RELEASES:
+        raise BaseBuildError(f"release {recipe.suite!r} is not one of {', '.join(RELEASES)}")
     final = cache / f"base-{recipe.suite}-{recipe.key}"
     if (final / ".g4f-complete").exists():
         return final
+    cache.mkdir(parents=True, exist_ok=True)
+    # Two runs wanting the same missing image (say a fleet test and a demo): one builds, the
+    # other waits for it instead of deleting its half-built tree.
+    with (cache / f"{final.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / ".g4f-complete").exists():
+            return final
+        _build(cache, recipe, final, log)
+    return final
+
+
+def _build(cache: Path, recipe: BaseRecipe, final: Path, log: Path | None) -> None:
     tmp = cache / f"{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(final, ignore_errors=True)
@@ -125,4 +149,3 @@ def ensure_base(cache: Path, recipe: BaseRecipe | None = None, log: Path | None 
     for stale in cache.glob(f"base-{recipe.suite}-*"):
         if stale.is_dir() and stale != final and not stale.name.endswith(".tmp"):
             shutil.rmtree(stale, ignore_errors=True)
-    return final

@@ -1,6 +1,7 @@
 """A fleet of real Debian test hosts on this machine: systemd-nspawn, overlayfs, one netns each.
 
-Every host boots systemd as PID 1 from an overlay over the cached base image, lives in its own
+Every host boots systemd as PID 1 from an overlay over the cached base image of its Debian
+release (bookworm or trixie; a fleet may mix them), lives in its own
 network namespace (veth into a bridge on 10.213.0.0/24), runs sshd with a generated key and
 fetches llama.cpp and models from mirrors served on the bridge address. Everything made is
 recorded in a state file as it is made, so a crashed run is cleaned up by the next one.
@@ -16,14 +17,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from gemma4_fleet.common import cache_dir
 from gemma4_fleet.testfleet import assets
-from gemma4_fleet.testfleet.base import BaseRecipe, ensure_base
+from gemma4_fleet.testfleet.base import RELEASES, SUITE, BaseRecipe, ensure_base
 from gemma4_fleet.testfleet.mirrors import git_mirror
 
 # Fleet "g4f" (the default) uses 10.213.0.0/24, a second fleet e.g. 10.213.1.0/24 (never 10.214:
@@ -32,6 +34,8 @@ FIRST_HOST_OCTET = 11
 MAX_HOSTS = 254 - FIRST_HOST_OCTET + 1
 MIRROR_PORT = 8765
 # Where the shared ccache appears inside every host (bind-mounted), so host 2 reuses host 1's work.
+# One cache per release (outside: `<cache>/ccache-<release>`): bookworm's gcc 12 and trixie's
+# gcc 14 never hit each other's entries, and apart neither evicts the other.
 HOST_CCACHE_DIR = "/var/cache/g4f-ccache"
 REQUIRED_TOOLS = ("debootstrap", "systemd-nspawn", "ip", "ssh", "ssh-keygen", "mount", "git")
 
@@ -49,6 +53,7 @@ class TestHost:
     veth: str
     pid: int = 0
     boot_seconds: float = 0.0
+    release: str = SUITE
 
     @property
     def root(self) -> Path:
@@ -89,6 +94,17 @@ def _terminate(pid: int, must_contain: str, timeout: float = 30.0) -> None:
             os.kill(pid, signal.SIGKILL)
         with suppress(ChildProcessError):
             os.waitpid(pid, 0)
+
+
+def host_releases(count: int, releases: Sequence[str]) -> list[str]:
+    """The release of each of `count` hosts, taking `releases` in turn; unknown names refused."""
+    releases = [releases] if isinstance(releases, str) else list(releases)
+    unknown = [r for r in releases if r not in RELEASES]
+    if not releases or unknown:
+        raise FleetError(
+            f"release {', '.join(map(repr, unknown or ['']))} is not one of {', '.join(RELEASES)}"
+        )
+    return [releases[i % len(releases)] for i in range(count)]
 
 
 class Fleet:
@@ -143,8 +159,17 @@ class Fleet:
         tmp.replace(self.state_file)
 
     # -- up -------------------------------------------------------------------------------
-    def up(self, count: int, recipe: BaseRecipe | None = None) -> list[TestHost]:
-        """Boot `count` hosts (tearing down leftovers first) and wait until each answers SSH."""
+    def up(
+        self,
+        count: int,
+        releases: Sequence[str] = (SUITE,),
+        recipe: BaseRecipe | None = None,
+    ) -> list[TestHost]:
+        """Boot `count` hosts (tearing down leftovers first) and wait until each answers SSH.
+
+        Host i runs `releases[(i - 1) % len(releases)]`: one release for all, or e.g.
+        ("bookworm", "trixie") for a mixed fleet. `recipe` (packages) applies to every release.
+        """
         if not isinstance(count, int) or count < 1:
             raise FleetError(f"host count must be at least 1, got {count!r}")
         if count > MAX_HOSTS:
@@ -152,14 +177,20 @@ class Fleet:
                 f"host count {count} does not fit the address plan {self.subnet}.0/24 "
                 f"(at most {MAX_HOSTS} hosts from .{FIRST_HOST_OCTET})"
             )
+        per_host = host_releases(count, releases)
         self._preflight()
         self.down()
         try:
-            base = ensure_base(self.cache, recipe)
+            base = {
+                release: ensure_base(self.cache, replace(recipe or BaseRecipe(), suite=release))
+                for release in dict.fromkeys(per_host)
+            }
             self._mirrors()
             self._network()
             self._ssh_key()
-            started = [self._create(i, base) for i in range(1, count + 1)]
+            started = [
+                self._create(i, base[release], release) for i, release in enumerate(per_host, 1)
+            ]
             for host in started:
                 self._wait_ssh(host)
         except BaseException:
@@ -231,7 +262,7 @@ class Fleet:
                 str(self.key),
             )
 
-    def _create(self, index: int, base: Path) -> TestHost:
+    def _create(self, index: int, base: Path, release: str) -> TestHost:
         name = f"{self.prefix}-node{index}"
         host = TestHost(
             name=name,
@@ -239,6 +270,7 @@ class Fleet:
             address=f"{self.subnet}.{FIRST_HOST_OCTET + index - 1}",
             veth=f"ve-{self.prefix}-{index}",
             dir=str(self.state_dir / "hosts" / name),
+            release=release,
         )
         self.hosts[name] = host
         self._save()
@@ -284,7 +316,7 @@ class Fleet:
         return host
 
     def _boot(self, host: TestHost) -> None:
-        ccache = self.cache / "ccache"
+        ccache = self.cache / f"ccache-{host.release}"
         ccache.mkdir(parents=True, exist_ok=True)
         log = (Path(host.dir) / "console.log").open("a")
         proc = subprocess.Popen(

@@ -40,12 +40,22 @@ def demo_data(mirror_url: str, mirror_commit: str) -> dict[str, Any]:
     }
 
 
-def local_fleet_hosts() -> list[tuple[str, dict[str, Any]]]:
-    """Hosts of the running local fleet (see `gemma4-fleet fleet up N`) with the demo data."""
+def _running_fleet() -> Fleet:
     fleet = Fleet()
     if not fleet.hosts:
         raise FleetError("no local test fleet is up: run `gemma4-fleet fleet up 2` first")
+    return fleet
+
+
+def local_fleet_hosts() -> list[tuple[str, dict[str, Any]]]:
+    """Hosts of the running local fleet (see `gemma4-fleet fleet up N`) with the demo data."""
+    fleet = _running_fleet()
     return [
         (name, {**ssh, **demo_data(fleet.mirror_url, fleet.mirror_commit)})
         for name, ssh in fleet.inventory()
     ]
+
+
+def release_group(release: str) -> list[str]:
+    """Names of the running fleet's hosts of one Debian release (a group for `--limit`)."""
+    return [host.name for host in _running_fleet().hosts.values() if host.release == release]

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import requests
 
-from gemma4_fleet.testfleet.hosts import Fleet
+from gemma4_fleet.testfleet.hosts import Fleet, host_releases
 
 ROOT = Path(__file__).resolve().parents[2]
 PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
@@ -57,8 +57,8 @@ def run_pyinfra(
 ) -> PyinfraRun:
     """`pyinfra -y` as a user runs it, from the repo root.
 
-    `--parallel 1`: the hosts share this machine's two cores; one host after the other, the
-    second build is mostly hits in the shared ccache and smoke checks do not compete.
+    `--parallel 1`: the hosts share this machine's two cores; one host after the other, so
+    builds and smoke checks do not compete.
     """
     result = subprocess.run(
         [PYINFRA, "-y", "--parallel", "1", *args, inventory, deploy],
@@ -77,6 +77,12 @@ def data_arg(key: str, value: Any) -> list[str]:
     return ["--data", f"{key}={json.dumps(value)}"]
 
 
+# One host of each release, so every fleet test runs both systemd branches of the unit template
+# (252 and 257) and both Pythons of the smoke check (3.11, 3.13). G4F_FLEET_RELEASES=bookworm
+# (say) narrows it while working on a test.
+RELEASES = tuple(os.environ.get("G4F_FLEET_RELEASES", "bookworm,trixie").split(","))
+
+
 @pytest.fixture(scope="session")
 def fleet() -> Iterator[Fleet]:
     """The default fleet of two hosts that `inventories/local.py` deploys to.
@@ -85,8 +91,9 @@ def fleet() -> Iterator[Fleet]:
     """
     fleet = Fleet()
     keep = os.environ.get("G4F_KEEP_FLEET") == "1"
-    if not (keep and len(fleet.hosts) == 2):
-        fleet.up(2)
+    wanted = host_releases(2, RELEASES)
+    if not (keep and [h.release for h in fleet.hosts.values()] == wanted):
+        fleet.up(2, RELEASES)
     try:
         yield fleet
     finally:
