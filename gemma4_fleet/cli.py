@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from fnmatch import fnmatch
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -34,9 +35,28 @@ def _load_inventory(path: str) -> tuple[Any, Any]:
         with ctx_state.use(state):
             inventory = make_inventory(path, cwd=cwd)
     except Exception as exc:  # user code in the inventory and group data runs here
-        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        raise ConfigError(f"inventory {path}: {message}") from exc
+        raise ConfigError(load_error(path, exc)) from None
+    if not list(inventory):
+        raise ConfigError(f"inventory {path}: no hosts (it lists none)")
     return state, inventory
+
+
+def load_error(inventory: str, exc: BaseException) -> str:
+    """One line for a broken inventory or group_data file: the file, the line, what is wrong."""
+    # pyinfra wraps errors raised by user code with the file it ran; syntax errors arrive bare.
+    cause = getattr(exc, "exception", exc)
+    filename = getattr(exc, "filename", None) or getattr(cause, "filename", None)
+    line = getattr(cause, "lineno", None) if isinstance(cause, SyntaxError) else None
+    if line is None and filename:
+        frames = traceback.extract_tb(cause.__traceback__)
+        line = next((f.lineno for f in reversed(frames) if f.filename == filename), None)
+    what = f"{type(cause).__name__}: {getattr(cause, 'msg', None) or cause}"
+    if hasattr(exc, "format_message") and cause is exc:
+        what = exc.format_message()
+    if not filename:
+        return f"inventory {inventory}: {what}"
+    where = os.path.relpath(filename) if os.path.isabs(filename) else filename
+    return f"{where}{f':{line}' if line else ''}: {what}"
 
 
 def _limited_hosts(inventory: Any, patterns: list[str]) -> list[Any]:

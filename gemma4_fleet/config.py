@@ -18,21 +18,125 @@ Host data keys (group_data/*.py, the inventory, `--data`):
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+import posixpath
+import re
+from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+def _lower(value: Any) -> Any:
+    if isinstance(value, str) and re.fullmatch(r"[0-9A-Fa-f]{64}", value.strip()):
+        return value.strip().lower()
+    return value
+
+
+# `sha256sum` prints lower case, other tools upper case: both mean the same bytes.
+Sha256 = Annotated[str, BeforeValidator(_lower), Field(pattern=r"^[0-9a-f]{64}$")]
 KvType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 Layers = int | Literal["all", "auto"]
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")]
-AbsPath = Annotated[str, Field(pattern=r"^/[^\x00\n]*$")]
-# A path that becomes the executable of an ExecStart=: systemd refuses quotes, \ and control
-# characters in it (string_is_safe).
-ExecutableRoot = Annotated[str, Field(pattern=r"^/[^\x00-\x1f\x7f\"'\\]*$")]
+
+# Directories the tool owns and prunes must be its own: never these themselves, nothing under
+# the kernel's and per-boot ones, nothing of the tool's own state. (Below /tmp is allowed for
+# throwaway hosts such as scripts/gpu_deploy_proof.sh; it may be wiped at boot.)
+SHARED_DIRS = frozenset(
+    [
+        "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32",
+        "/media", "/mnt", "/nix", "/opt", "/proc", "/root", "/run", "/sbin", "/snap", "/srv",
+        "/sys", "/tmp", "/usr", "/usr/bin", "/usr/include", "/usr/lib", "/usr/lib64",
+        "/usr/libexec", "/usr/local", "/usr/local/bin", "/usr/local/etc", "/usr/local/include",
+        "/usr/local/lib", "/usr/local/sbin", "/usr/local/share", "/usr/local/src", "/usr/sbin",
+        "/usr/share", "/usr/src", "/var", "/var/backups", "/var/cache", "/var/lib", "/var/local",
+        "/var/lock", "/var/log", "/var/mail", "/var/opt", "/var/run", "/var/spool", "/var/tmp",
+        "/var/www", "/etc/systemd", "/etc/systemd/system", "/var/lib/gemma4-fleet",
+        "/var/lib/gemma4-fleet-smoke", "/usr/local/lib/gemma4-fleet", "/lost+found",
+    ]
+)  # fmt: skip
+VOLATILE_DIRS = ("/dev", "/proc", "/run", "/sys", "/var/run", "/var/lock")
+# What systemd unit files and the host-side shell take unquoted (no spaces, quotes, %, $, \, ;).
+_PATH_CHARS = re.compile(r"[A-Za-z0-9._/+@-]+")
+
+
+def managed_dir(value: str) -> str:
+    """A directory the tool creates and prunes: absolute, normalised, dedicated, plain."""
+    if not value.startswith("/"):
+        raise ValueError(f"{value!r} is not an absolute path")
+    bad = sorted({c for c in value if not _PATH_CHARS.fullmatch(c)})
+    if bad:
+        shown = " ".join(repr(c) for c in bad)
+        raise ValueError(
+            f"{value!r} has characters that need quoting in unit files and shells ({shown}); "
+            "use letters, digits and . _ - + @ /"
+        )
+    parts = value.split("/")
+    if "." in parts or ".." in parts:
+        raise ValueError(f"{value!r} has '.' or '..' components; write the real path")
+    path = posixpath.normpath(value)
+    path = "/" + path.lstrip("/")  # normpath keeps a leading '//'
+    if path in SHARED_DIRS:
+        raise ValueError(
+            f"{path} is a shared system directory; the tool prunes inside the directories it "
+            "manages, so give it a dedicated one (e.g. /var/lib/llama-models, /opt/llama.cpp)"
+        )
+    if any(path.startswith(f"{v}/") for v in VOLATILE_DIRS):
+        raise ValueError(f"{path} is under a kernel or per-boot directory ({path.split('/')[1]})")
+    return path
+
+
+ManagedDir = Annotated[str, AfterValidator(managed_dir)]
+
+# A GPU index, a GPU UUID, or a MIG UUID (new "MIG-<uuid>" and old "MIG-GPU-<uuid>/<gi>/<ci>").
+_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+GPU_PATTERN = re.compile(rf"\d{{1,3}}|GPU-{_UUID}|MIG-{_UUID}|MIG-GPU-{_UUID}/\d+/\d+")
+
+
+def gpu_ref(value: str) -> str:
+    if not GPU_PATTERN.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is neither a GPU index (0, 1, ...) nor a GPU or MIG UUID as "
+            "`nvidia-smi -L` prints it (GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"
+        )
+    return value
+
+
+GpuRef = Annotated[str, AfterValidator(gpu_ref)]
+
+# Accounts that belong to the system or other software (a host may have more: the deploy also
+# refuses any existing account the tool did not create, see gemma4_fleet.host_checks).
+WELL_KNOWN_ACCOUNTS = frozenset(
+    [
+        "root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp",
+        "proxy", "www-data", "backup", "list", "irc", "gnats", "nobody", "nogroup", "_apt",
+        "systemd-network", "systemd-resolve", "systemd-timesync", "systemd-journal",
+        "systemd-coredump", "messagebus", "sshd", "syslog", "ubuntu", "debian", "admin",
+        "postgres", "mysql", "redis", "nginx", "apache", "polkitd", "avahi", "dnsmasq", "ntp",
+        "chrony", "tss", "uuidd", "usbmux", "rtkit", "colord",
+    ]
+)  # fmt: skip
+
+
+def service_account(value: str) -> str:
+    if value in WELL_KNOWN_ACCOUNTS or value.startswith("systemd-"):
+        raise ValueError(
+            f"{value!r} is an account of the system or other software; the servers run as the "
+            "tool's own system account (default 'llama')"
+        )
+    return value
+
 
 HOST_DATA_KEYS = {
     "llamacpp": "llamacpp",
@@ -62,6 +166,113 @@ class ConfigError(ValueError):
     """Bad host data: the message names the host and the field."""
 
 
+# llama-server flags that typed config or the plan owns, by the field to use instead: in
+# extra_args they would undo a check (MTP --parallel guard, unique ports, the VRAM plan).
+# Every spelling of a flag is listed (one help line's aliases together, from `llama-server
+# --help` at the pinned commit; tests/unit/test_bad_input.py checks them against the recorded
+# help). Flags not listed pass through to llama-server as given.
+OWNED_FLAGS: dict[str, tuple[str, ...]] = {
+    "host": ("--host",),
+    "port": ("--port", "--reuse-port"),
+    "ctx_size": ("-c", "--ctx-size", "--swa-full", "--kv-unified-per-slot"),
+    "parallel": ("-np", "--parallel", "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified"),
+    "target": (
+        "-m", "--model", "-mu", "--model-url", "-dr", "--docker-repo", "-hf", "-hfr",
+        "--hf-repo", "-hff", "--hf-file", "--models-dir", "--models-preset", "--models-max",
+        "--models-autoload", "--no-models-autoload", "--embd-gemma-default",
+        "--fim-qwen-1.5b-default", "--fim-qwen-3b-default", "--fim-qwen-7b-default",
+        "--fim-qwen-7b-spec", "--fim-qwen-14b-spec", "--fim-qwen-30b-default",
+        "--gpt-oss-20b-default", "--gpt-oss-120b-default", "--vision-gemma-4b-default",
+        "--vision-gemma-12b-default",
+    ),
+    "drafter": (
+        "--spec-draft-model", "-md", "--model-draft", "--spec-draft-hf", "-hfd", "-hfrd",
+        "--hf-repo-draft",
+    ),
+    "cache_type_k": ("-ctk", "--cache-type-k"),
+    "cache_type_v": ("-ctv", "--cache-type-v"),
+    "cache_type_k_draft": ("--spec-draft-type-k", "-ctkd", "--cache-type-k-draft"),
+    "cache_type_v_draft": ("--spec-draft-type-v", "-ctvd", "--cache-type-v-draft"),
+    "spec_type": ("--spec-type", "--spec-default"),
+    "draft_n_max": ("--spec-draft-n-max", "--draft", "--draft-n", "--draft-max"),
+    "draft_n_min": ("--spec-draft-n-min", "--draft-min", "--draft-n-min"),
+    "draft_p_min": ("--spec-draft-p-min", "--draft-p-min"),
+    "draft_gpu_layers": (
+        "--spec-draft-ngl", "-ngld", "--gpu-layers-draft", "--n-gpu-layers-draft",
+        "--spec-draft-device", "-devd", "--device-draft", "--spec-draft-override-tensor",
+        "-otd", "--override-tensor-draft", "--spec-draft-cpu-moe", "-cmoed", "--cpu-moe-draft",
+        "--spec-draft-n-cpu-moe", "--spec-draft-ncmoe", "-ncmoed", "--n-cpu-moe-draft",
+    ),
+    "gpu_layers": (
+        "-ngl", "--gpu-layers", "--n-gpu-layers", "-ot", "--override-tensor", "-cmoe",
+        "--cpu-moe", "-ncmoe", "--n-cpu-moe", "-ncffn", "--n-cpu-ffn", "-kvo", "--kv-offload",
+        "-nkvo", "--no-kv-offload",
+    ),
+    "gpu": (
+        "-dev", "--device", "-sm", "--split-mode", "-ts", "--tensor-split", "-mg",
+        "--main-gpu", "--rpc",
+    ),
+    "flash_attn": ("-fa", "--flash-attn"),
+    "fit": ("-fit", "--fit", "-fitt", "--fit-target", "-fitc", "--fit-ctx"),
+    "threads": ("-t", "--threads"),
+    "jinja": ("--jinja", "--no-jinja"),
+    "cont_batching": ("-cb", "--cont-batching", "-nocb", "--no-cont-batching"),
+    # No field for these: "(why)" is the answer.
+    "(the speculative recipe is typed: spec_type, drafter, draft_*, cache_type_*_draft)": (
+        "--spec-draft-threads", "-td", "--threads-draft", "--spec-draft-threads-batch", "-tbd",
+        "--threads-batch-draft", "--spec-draft-cpu-mask", "-Cd", "--cpu-mask-draft",
+        "--spec-draft-cpu-range", "-Crd", "--cpu-range-draft", "--spec-draft-cpu-strict",
+        "--cpu-strict-draft", "--spec-draft-prio", "--prio-draft", "--spec-draft-poll",
+        "--poll-draft", "--spec-draft-cpu-mask-batch", "-Cbd", "--cpu-mask-batch-draft",
+        "--spec-draft-cpu-strict-batch", "--cpu-strict-batch-draft", "--spec-draft-prio-batch",
+        "--prio-batch-draft", "--spec-draft-poll-batch", "--poll-batch-draft",
+        "--spec-synth-len", "--spec-synth-rates", "--spec-draft-p-split", "--draft-p-split",
+        "--spec-draft-backend-sampling", "--no-spec-draft-backend-sampling",
+        "--spec-ngram-mod-n-min", "--spec-ngram-mod-n-max", "--spec-ngram-mod-n-match",
+        "--spec-ngram-simple-size-n", "--spec-ngram-simple-size-m",
+        "--spec-ngram-simple-min-hits", "--spec-ngram-map-k-size-n", "--spec-ngram-map-k-size-m",
+        "--spec-ngram-map-k-min-hits", "--spec-ngram-map-k4v-size-n",
+        "--spec-ngram-map-k4v-size-m", "--spec-ngram-map-k4v-min-hits", "--spec-ngram-size-n",
+        "--spec-ngram-size-m", "--spec-ngram-min-hits",
+    ),
+    "(the VRAM plan counts llama-server's default batch sizes)": (
+        "-b", "--batch-size", "-ub", "--ubatch-size",
+    ),
+    "(a multimodal projector is not in the VRAM plan)": (
+        "-mm", "--mmproj", "-mmu", "--mmproj-url",
+    ),
+    "(API keys never go into argv or the unit file)": ("--api-key", "--api-key-file"),
+    "(the unit always sets --offline --metrics --no-webui)": (
+        "--offline", "--metrics", "--ui", "--webui", "--no-ui", "--no-webui",
+    ),
+    "(the health and smoke checks use http://host:port/ and /slots)": (
+        "--api-prefix", "--ssl-key-file", "--ssl-cert-file", "--slots", "--no-slots",
+    ),
+    "(the tool sets the alias)": ("-a", "--alias"),
+}  # fmt: skip
+_FLAG_OWNER = {flag: field for field, flags in OWNED_FLAGS.items() for flag in flags}
+
+
+def owned_flag_problems(extra_args: Iterable[str]) -> list[str]:
+    """Why each owned flag in extra_args is refused (`--flag=value` spellings included)."""
+    problems = []
+    for arg in extra_args:
+        if not re.match(r"^--?[A-Za-z]", arg):
+            continue  # a value, or a negative number
+        flag = arg.split("=", 1)[0]
+        if re.search(r"\s", flag):
+            problems.append(f"{arg!r}: one argument per list item, e.g. ['--flag', 'value']")
+            continue
+        field = _FLAG_OWNER.get(flag)
+        if field is None:
+            continue
+        if field.startswith("("):
+            problems.append(f"{flag} cannot be set in extra_args {field}")
+        else:
+            problems.append(f"{flag} is owned by typed config: set {field} instead")
+    return problems
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -81,8 +292,8 @@ class BuildConfig(_Model):
     cuda_architectures: list[Annotated[int, Field(ge=50, le=200)]] | None = None
     # -DNAME=value, no whitespace (each is one argument to cmake)
     cmake_flags: list[Annotated[str, Field(pattern=r"^-D[A-Za-z0-9_]+(:[A-Z]+)?=\S*$")]] = []
-    install_root: ExecutableRoot = "/opt/llama.cpp"
-    ccache_dir: AbsPath | None = None
+    install_root: ManagedDir = "/opt/llama.cpp"
+    ccache_dir: ManagedDir | None = None
     install_cuda_toolkit: bool = False
     jobs: Annotated[int, Field(ge=1)] | None = None
 
@@ -138,7 +349,7 @@ class Instance(ServerSettings):
     target: str
     drafter: str | None = None
     # A GPU index ("0") or UUID ("GPU-..."); rendered as the UUID, which survives reboots.
-    gpu: str | None = None
+    gpu: GpuRef | None = None
 
     @property
     def unit(self) -> str:
@@ -157,6 +368,14 @@ class Instance(ServerSettings):
     @property
     def smoke_timer(self) -> str:
         return smoke_unit(self.name, "timer")
+
+    @field_validator("extra_args")
+    @classmethod
+    def _no_owned_flags(cls, value: list[str]) -> list[str]:
+        problems = owned_flag_problems(value)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
 
     @model_validator(mode="after")
     def _recipe_rules(self) -> Instance:
@@ -183,7 +402,7 @@ class GpuService(_Model):
     """A GPU service this tool does not own (whisper, TTS): pinned to a GPU with a drop-in."""
 
     unit: Annotated[str, Field(pattern=r"^[A-Za-z0-9:_.@-]+\.service$")]
-    gpu: str
+    gpu: GpuRef
     vram_reserve_mib: Annotated[int, Field(ge=0)] = 0
     # Sharing a GPU with llama-server eats its headroom (seed 003); only on explicit request.
     share_gpu_with_llama: bool = False
@@ -205,10 +424,12 @@ class HostConfig(_Model):
     build: BuildConfig = BuildConfig()
     models: dict[str, ModelFile] = {}
     instances: list[Instance] = Field(min_length=1)
-    models_dir: AbsPath = "/var/lib/llama-models"
-    service_user: Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_-]{0,30}$")] = "llama"
+    models_dir: ManagedDir = "/var/lib/llama-models"
+    service_user: Annotated[
+        str, Field(pattern=r"^[a-z_][a-z0-9_-]{0,30}$"), AfterValidator(service_account)
+    ] = "llama"
     gpu_services: list[GpuService] = []
-    gpu_memory_mib: dict[str, Annotated[int, Field(gt=0)]] = {}
+    gpu_memory_mib: dict[GpuRef, Annotated[int, Field(gt=0)]] = {}
     vram_headroom_mib: Annotated[int, Field(ge=0)] = 512
     smoke: SmokeConfig = SmokeConfig()
 
@@ -235,6 +456,22 @@ class HostConfig(_Model):
                 problems.append(
                     (f"{field}.gpu", f"gpu {inst.gpu} set but llamacpp_build.cuda is off")
                 )
+        dirs = {
+            "llama_models_dir": self.models_dir,
+            "llamacpp_build.install_root": self.build.install_root,
+            "llamacpp_build.ccache_dir": self.build.ccache_dir,
+        }
+        named = [(key, path) for key, path in dirs.items() if path is not None]
+        for i, (key, path) in enumerate(named):
+            for other, other_path in named[:i]:
+                if path == other_path:
+                    problems.append((key, f"{path} is also {other}; each needs its own directory"))
+                elif path.startswith(f"{other_path}/"):
+                    why = f"{path} is inside {other} ({other_path}); each needs its own directory"
+                    problems.append((key, why))
+                elif other_path.startswith(f"{path}/"):
+                    why = f"{path} contains {other} ({other_path}); each needs its own directory"
+                    problems.append((key, why))
         llama_gpus = {inst.gpu for inst in self.instances if inst.gpu is not None}
         units: set[str] = set()
         for svc in self.gpu_services:
@@ -291,21 +528,48 @@ def _field_path(loc: tuple[int | str, ...], raw: Mapping[str, Any]) -> str:
         label = instances[index].get("name") if index < len(instances) else None
         path += f"[{label or index}]"
     for part in rest:
-        if part in ("function-after", "int", "literal['all','auto']") or str(part).startswith(
-            ("literal[", "function-")
-        ):
+        if part in ("function-after", "int", "literal['all','auto']", "[key]") or str(
+            part
+        ).startswith(("literal[", "function-")):
             continue
         path += f"[{part}]" if isinstance(part, int) else f".{part}"
     return path
 
 
+KNOWN_KEYS = ("llama_server", *HOST_DATA_KEYS.values())
+_OUR_PREFIXES = ("llama", "gpu_", "vram_")
+
+
 def host_data_of(data_get: Callable[[str], Any]) -> dict[str, Any]:
     """Every host-data key `parse_host_config` reads, from a getter such as `host.data.get`."""
-    return {key: data_get(key) for key in ("llama_server", *HOST_DATA_KEYS.values())}
+    return {key: data_get(key) for key in KNOWN_KEYS}
+
+
+def unknown_key_problems(keys: Iterable[str]) -> list[tuple[str, str]]:
+    """Host-data keys that look like ours but are not (a typo would be silently ignored).
+
+    Host data also carries pyinfra's and the user's own keys: only keys close to one of ours
+    (difflib) or with our prefixes are reported.
+    """
+    problems = []
+    for key in sorted(set(keys) - set(KNOWN_KEYS)):
+        near = difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.75)
+        if near:
+            problems.append((key, f"not a gemma4-fleet key; did you mean {near[0]}?"))
+        elif key.startswith(_OUR_PREFIXES):
+            problems.append((key, f"not a gemma4-fleet key (known: {', '.join(KNOWN_KEYS)})"))
+    return problems
 
 
 def parse_host_config(host_name: str, data: Mapping[str, Any]) -> HostConfig:
-    """Validate one host's data; errors name the host and each bad field."""
+    """Validate one host's data; errors name the host and each bad field.
+
+    `data` may be all of the host's data (`host.data.dict()`): keys that look like a typo of
+    ours are errors, other keys (pyinfra's, the user's) are ignored.
+    """
+    typos = unknown_key_problems(data)
+    if typos:
+        raise ConfigError("\n".join(f"host {host_name}: {key}: {why}" for key, why in typos))
     server = data.get("llama_server") or {}
     raw_instances = data.get("llama_instances") or []
     if not isinstance(server, Mapping) or not isinstance(raw_instances, list):

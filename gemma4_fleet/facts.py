@@ -213,3 +213,13 @@ class SystemdUnitExists(FactBase[bool]):
 
     def process(self, output: list[str]) -> bool:
         return _single(output) == "yes"
+
+
+class PasswdLine(FactBase[str | None]):
+    """`getent passwd NAME` (local files, LDAP, ...): the account's line, or None if absent."""
+
+    def command(self, user: str) -> StringCommand:
+        return StringCommand("getent", "passwd", "--", QuoteString(user), "||", "echo", _MISSING)
+
+    def process(self, output: list[str]) -> str | None:
+        return _single(output)

@@ -18,6 +18,9 @@ their semantics follow llama.cpp ``src/llama-model.cpp`` (``load_hparams``) and 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 import struct
 from collections.abc import Callable
@@ -83,24 +86,74 @@ def read_meta(path: Path) -> ModelMeta:
     return _build_meta(header, default_name=path.name)
 
 
-def read_meta_url(url: str, *, sha256: str, cache_dir: Path) -> ModelMeta:
-    """Metadata of a GGUF served over HTTP(S), fetched with range requests, cached by sha256."""
+OFFLINE_ENV = "G4F_OFFLINE"
+
+
+def read_meta_url(
+    url: str,
+    *,
+    sha256: str,
+    cache_dir: Path,
+    size: int | None = None,
+    offline: bool | None = None,
+) -> ModelMeta:
+    """Metadata of a GGUF served over HTTP(S), fetched with range requests.
+
+    The cache is keyed by content and source: sha256, URL and the file size the URL serves.
+    The URL is always asked first (one 8-byte range request): an entry is used only when the
+    URL answers with the same size, and a URL that does not answer is an error, not a plan from
+    an old entry. With `offline` (default: the environment variable G4F_OFFLINE=1) the URL is
+    not asked and the entry must exist.
+    """
     if not _SHA256.fullmatch(sha256):
         raise ModelMetaError(f"{url}: sha256 must be 64 lowercase hex digits, got {sha256!r}")
-    cached = cache_dir / f"{sha256}.json"
-    if cached.is_file():
-        try:
-            return ModelMeta.model_validate_json(cached.read_text())
-        except (OSError, ValidationError):
-            pass  # unreadable or stale cache entry: fetch again and overwrite it
+    if offline is None:
+        offline = os.environ.get(OFFLINE_ENV, "") == "1"
+    source = hashlib.sha256(json.dumps([sha256, url]).encode()).hexdigest()[:16]
+    cached = cache_dir / f"{sha256}-{source}.json"
+    entry = _cache_entry(cached, url, sha256)
+    if offline:
+        if entry is None:
+            raise ModelMetaError(f"{url}: {OFFLINE_ENV}=1 and no cached metadata for this URL")
+        _check_size(url, entry[1], size)
+        return entry[0]
     with requests.Session() as session:
+        try:
+            _, total = _http_range(session, url, 0, 8)
+        except ModelMetaError as exc:
+            if entry is not None:
+                raise ModelMetaError(
+                    f"{exc} (its cached metadata is not used while the URL does not answer; "
+                    f"{OFFLINE_ENV}=1 plans from the cache)"
+                ) from None
+            raise
+        _check_size(url, total, size)
+        if entry is not None and entry[1] == total:
+            return entry[0]
         header = _read_header(lambda start, end: _http_range(session, url, start, end), url)
     meta = _build_meta(header, default_name=url.rsplit("/", 1)[-1])
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp")
-    tmp.write_text(meta.model_dump_json())
+    record = {"url": url, "sha256": sha256, "size": total, "meta": meta.model_dump(mode="json")}
+    tmp.write_text(json.dumps(record))
     tmp.replace(cached)
     return meta
+
+
+def _cache_entry(path: Path, url: str, sha256: str) -> tuple[ModelMeta, int] | None:
+    """(metadata, file size) of a cache entry written for exactly this url and sha256."""
+    try:
+        record = json.loads(path.read_text())
+        if record["url"] != url or record["sha256"] != sha256:
+            return None
+        return ModelMeta.model_validate(record["meta"]), int(record["size"])
+    except (OSError, ValueError, KeyError, TypeError, ValidationError):
+        return None  # absent, unreadable or of an older format: read the URL again
+
+
+def _check_size(url: str, total: int, size: int | None) -> None:
+    if size is not None and total != size:
+        raise ModelMetaError(f"{url}: serves {total} bytes, but size says {size}")
 
 
 # --- reading the header ----------------------------------------------------------------------

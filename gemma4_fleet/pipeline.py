@@ -20,6 +20,7 @@ from pyinfra.api import OperationError
 
 from gemma4_fleet.config import ConfigError, HostConfig, host_data_of, parse_host_config
 from gemma4_fleet.facts import Gpu
+from gemma4_fleet.host_checks import host_problems, inventory_problems
 from gemma4_fleet.vram_plan import (
     HostPlan,
     MetaFor,
@@ -32,6 +33,8 @@ from gemma4_fleet.vram_plan import (
 # (host, its config) pairs -> ({host name: its GPUs}, {host name: why they could not be read});
 # a host in neither was not read: its plan takes budgets from gpu_memory_mib only
 GpuReader = Callable[[list[tuple[Any, HostConfig]]], tuple[dict[str, list[Gpu]], dict[str, str]]]
+# (host, its config) pairs -> {host name: `getent passwd <service user>` line, None if absent}
+AccountReader = Callable[[list[tuple[Any, HostConfig]]], dict[str, str | None]]
 
 
 class FleetConfigError(ConfigError, OperationError):
@@ -105,10 +108,16 @@ def with_gpu_architectures(config: HostConfig, gpus: list[Gpu]) -> HostConfig:
     return config.model_copy(update={"build": build})
 
 
+def host_data(host: Any) -> dict[str, Any]:
+    """All of a host's data (pyinfra's keys too: parse_host_config reports typos of ours)."""
+    return {**host.data.dict(), **host_data_of(host.data.get)}
+
+
 def host_setups(
     hosts: Iterable[Any],
     read_gpus: GpuReader | None,
     *,
+    read_accounts: AccountReader | None = None,
     meta_for: MetaFor = meta_for_model,
 ) -> dict[str, HostSetup]:
     """Validated, GPU-resolved and planned setup of every host; FleetConfigError lists all.
@@ -116,14 +125,16 @@ def host_setups(
     + hosts: pyinfra inventory hosts (their `data` already merged by pyinfra, `--data` included)
     + read_gpus: reads the GPUs of the hosts it is given (the deploy: every host's NvidiaGpus
       fact); None plans from host data alone
+    + read_accounts: looks up each host's service account (the deploy: the PasswdLine fact);
+      None skips that check (the `plan` command)
     + meta_for: GGUF metadata of a model (read once per model for the whole fleet)
     """
     hosts = list(hosts)
     configs: dict[str, HostConfig] = {}
-    errors: list[str] = []
+    errors = inventory_problems(hosts)
     for host in hosts:
         try:
-            configs[host.name] = parse_host_config(host.name, host_data_of(host.data.get))
+            configs[host.name] = parse_host_config(host.name, host_data(host))
         except ConfigError as exc:
             errors.append(str(exc))
     read: dict[str, list[Gpu]] = {}
@@ -131,6 +142,9 @@ def host_setups(
     if read_gpus is not None and configs:
         read, unreadable = read_gpus([(h, configs[h.name]) for h in hosts if h.name in configs])
         errors += [f"host {name}: {why}" for name, why in unreadable.items()]
+    accounts: dict[str, str | None] = {}
+    if read_accounts is not None and configs:
+        accounts = read_accounts([(h, configs[h.name]) for h in hosts if h.name in configs])
 
     setups: dict[str, HostSetup] = {}
     read_meta = memoized(meta_for)
@@ -138,6 +152,12 @@ def host_setups(
         if name in unreadable:
             continue
         gpus = read.get(name)
+        checked = host_problems(
+            name, config, gpus, accounts.get(name), account_read=name in accounts
+        )
+        if checked:  # GPUs by identity, the service account (gemma4_fleet.host_checks)
+            errors += checked
+            continue
         found, uuids, gpu_errors = resolve_gpus(name, config, gpus)
         if gpu_errors:
             errors += gpu_errors

@@ -253,20 +253,26 @@ def _num(n: int | None) -> str:
 
 
 def meta_for_model(model: ModelFile) -> ModelMeta:
-    """Header metadata of a model: the local file, or by range requests (cached by sha256)."""
+    """Header metadata of a model: the local file, or by range requests (cached by sha256, URL
+    and size; see gguf_meta.read_meta_url)."""
     if model.local_path is not None:
-        return read_meta(Path(model.local_path))
+        path = Path(model.local_path)
+        if model.size is not None and path.is_file() and path.stat().st_size != model.size:
+            raise ModelMetaError(f"{path}: has {path.stat().st_size} bytes, size says {model.size}")
+        return read_meta(path)
     if model.url is None:  # ModelFile guarantees one of the two
         raise ModelMetaError("the model has neither url nor local_path")
-    return read_meta_url(model.url, sha256=model.sha256, cache_dir=cache_dir() / "gguf-meta")
+    return read_meta_url(
+        model.url, sha256=model.sha256, size=model.size, cache_dir=cache_dir() / "gguf-meta"
+    )
 
 
 def memoized(meta_for: MetaFor) -> MetaFor:
     """meta_for reading each model once per fleet (errors included: a dead URL times out once)."""
-    seen: dict[tuple[str | None, str | None, str], ModelMeta | ModelMetaError] = {}
+    seen: dict[tuple[str | None, str | None, str, int | None], ModelMeta | ModelMetaError] = {}
 
     def cached(model: ModelFile) -> ModelMeta:
-        key = (model.url, model.local_path, model.sha256)
+        key = (model.url, model.local_path, model.sha256, model.size)
         if key not in seen:
             try:
                 seen[key] = meta_for(model)

@@ -22,7 +22,7 @@ from gemma4_fleet.deploys.gpu_services import gpu_services, pin_gpu_service
 from gemma4_fleet.deploys.models import models
 from gemma4_fleet.deploys.reporting import collected_reports, print_fleet_table
 from gemma4_fleet.deploys.units import instance_unit, servers, service_basics
-from gemma4_fleet.facts import Gpu, NvidiaGpus
+from gemma4_fleet.facts import Gpu, NvidiaGpus, PasswdLine
 from gemma4_fleet.pipeline import FleetConfigError, HostSetup, host_setups
 
 __all__ = ["gemma4_mtp", "host_setup", "redeploy_unit"]
@@ -37,10 +37,17 @@ def _gpu_facts(
     return {h.name: h.get_fact(NvidiaGpus) for h, _ in hosts}, {}
 
 
+def _account_facts(hosts: list[tuple[Any, HostConfig]]) -> dict[str, str | None]:
+    """`getent passwd` of each host's service account (the tool's own, or absent)."""
+    return {h.name: h.get_fact(PasswdLine, user=config.service_user) for h, config in hosts}
+
+
 def host_setup() -> HostSetup:
     """This host's validated config, plan and GPUs; the first host to ask sets up every host."""
     if state not in _setups:
-        _setups[state] = host_setups(state.inventory.get_active_hosts(), _gpu_facts)
+        _setups[state] = host_setups(
+            state.inventory.get_active_hosts(), _gpu_facts, read_accounts=_account_facts
+        )
     return _setups[state][host.name]
 
 

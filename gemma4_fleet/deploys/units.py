@@ -21,6 +21,7 @@ from gemma4_fleet import operations as g4f
 from gemma4_fleet.config import HostConfig, Instance
 from gemma4_fleet.deploys.reporting import report_dir
 from gemma4_fleet.facts import SystemdVersion
+from gemma4_fleet.host_checks import SERVICE_ACCOUNT_MARK
 from gemma4_fleet.pipeline import HostSetup
 from gemma4_fleet.render import (
     PRUNE_SCRIPT,
@@ -59,6 +60,7 @@ def service_basics(config: HostConfig) -> list[OperationMeta]:
         home="/nonexistent",
         shell="/usr/sbin/nologin",
         create_home=False,
+        comment=SERVICE_ACCOUNT_MARK,  # the pipeline refuses existing accounts without it
     )
     return [
         files.put(

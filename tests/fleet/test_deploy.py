@@ -102,10 +102,12 @@ def test_unknown_flag_fails_the_host_before_the_unit_is_written(
         )
         for name in fleet.hosts
     }
-    removed_flag = {"extra_args": ["--draft-max", "4"]}
-    run = run_pyinfra("deploys/gemma4_mtp.py", *data_arg("llama_server", removed_flag))
+    # (A flag owned by typed config, such as --draft-max, never gets this far: see
+    # tests/unit/test_bad_input.py.)
+    unknown_flag = {"extra_args": ["--g4f-no-such-flag"]}
+    run = run_pyinfra("deploys/gemma4_mtp.py", *data_arg("llama_server", unknown_flag))
     assert run.returncode != 0
-    assert "does not know --draft-max" in run.output
+    assert "does not know --g4f-no-such-flag" in run.output
     for name in fleet.hosts:
         unit_sum, state = before[name]
         assert fleet.ssh(name, f"sha256sum /etc/systemd/system/{UNIT}").stdout == unit_sum
@@ -119,6 +121,38 @@ def test_bad_config_is_refused_before_any_host_is_touched(
     assert run.returncode != 0
     for name in fleet.hosts:
         assert f"host {name}: llama_instances[gemma3].cache_type_k" in run.output
+    assert "Starting operation" not in run.output
+
+
+def test_an_account_the_tool_did_not_create_is_refused(fleet: Fleet) -> None:
+    """An existing login account as llama_service_user: refused on that host, nothing changed."""
+    name = "g4f-node1"
+    fleet.ssh(name, "id g4f-someone 2>/dev/null || useradd -m -s /bin/bash g4f-someone")
+    before = fleet.ssh(name, "getent passwd g4f-someone").stdout
+    try:
+        run = run_pyinfra(
+            "deploys/gemma4_mtp.py", "--limit", name, "--data", "llama_service_user=g4f-someone"
+        )
+        assert run.returncode != 0
+        assert f"host {name}: llama_service_user: account 'g4f-someone' already exists" in (
+            run.output
+        )
+        assert "Starting operation" not in run.output
+        assert fleet.ssh(name, "getent passwd g4f-someone").stdout == before
+    finally:
+        fleet.ssh(name, "userdel -r g4f-someone", check=False)
+
+
+def test_a_gpu_the_host_does_not_have_is_refused(fleet: Fleet) -> None:
+    """GPU index 1 on hosts whose nvidia-smi finds none: an error per host, no operation."""
+    services = [{"unit": "whisper-server.service", "gpu": "1"}]
+    run = run_pyinfra("deploys/gemma4_mtp.py", *data_arg("gpu_services", services))
+    assert run.returncode != 0
+    for name in fleet.hosts:
+        assert (
+            f"host {name}: gpu_services[whisper-server.service].gpu: no GPU '1' on the host "
+            "(nvidia-smi lists: none"
+        ) in run.output
     assert "Starting operation" not in run.output
 
 

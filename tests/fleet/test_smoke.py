@@ -139,7 +139,8 @@ def test_impossible_min_tps_rolls_back_to_the_previous_unit(
 @pytest.mark.usefixtures("demo_restored")
 def test_a_flag_that_makes_the_server_exit_rolls_back(fleet: Fleet, deployed: PyinfraRun) -> None:
     """On every host: with systemd >= 254 the unit restarts with back-off (RestartSteps=)."""
-    exiting = {"extra_args": ["--cache-type-k", "q9_9"]}
+    # An invalid value for a flag extra_args may carry: llama-server exits on it.
+    exiting = {"extra_args": ["--rope-scaling", "q9_9"]}
     run = run_pyinfra("deploys/gemma4_mtp.py", *data_arg("llama_server", exiting))
     assert run.returncode != 0
     for name in fleet.hosts:

@@ -120,7 +120,7 @@ def test_parallel_mtp_is_refused_without_the_override() -> None:
         (
             {"llamacpp_build": {"install_root": "/opt/it's"}},
             "llamacpp_build.install_root",
-            "pattern",
+            "need quoting",
         ),
         ({"llama_server": {"bogus_flag": 1}}, "llama_instances[gemma4].bogus_flag", "Extra inputs"),
     ],

@@ -244,14 +244,37 @@ def test_range_read_matches_local_and_is_cached(
     # the header is ~6.5 MB (tokenizer) of a 253 MB file; doubling reads fetch at most 2x it
     assert 6_525_120 < server.bytes_sent < 16 << 20
     assert server.bytes_sent < file_size / 15
-    assert (cache / f"{GEMMA3_270M_SHA256}.json").is_file()
+    assert len(list(cache.glob(f"{GEMMA3_270M_SHA256}-*.json"))) == 1
 
     sent = server.bytes_sent
-    again = read_meta_url(
-        f"{server.base_url}/gone.gguf", sha256=GEMMA3_270M_SHA256, cache_dir=cache
-    )
+    again = read_meta_url(url, sha256=GEMMA3_270M_SHA256, size=file_size, cache_dir=cache)
     assert again == meta_270m
-    assert server.bytes_sent == sent  # served from the cache
+    assert server.bytes_sent - sent == 8  # the URL was asked (its size), the header was cached
+
+
+def test_cache_is_keyed_by_source_and_never_stands_in_for_a_dead_url(
+    http_root: tuple[_FileServer, Path], gemma3_270m: Path, meta_270m: ModelMeta, tmp_path: Path
+) -> None:
+    server, root = http_root
+    cache = tmp_path / "cache"
+    url = f"{server.base_url}/{gemma3_270m.name}"
+    read_meta_url(url, sha256=GEMMA3_270M_SHA256, cache_dir=cache)
+    # The same sha256 from another URL is read from that URL, not from the other's entry.
+    (root / "copy.gguf").symlink_to(gemma3_270m)
+    sent = server.bytes_sent
+    copy = read_meta_url(f"{server.base_url}/copy.gguf", sha256=GEMMA3_270M_SHA256, cache_dir=cache)
+    assert copy == meta_270m and server.bytes_sent - sent > 6_525_120
+    assert len(list(cache.glob("*.json"))) == 2
+    with pytest.raises(ModelMetaError, match=r"serves 253113024 bytes, but size says 1000"):
+        read_meta_url(url, sha256=GEMMA3_270M_SHA256, size=1000, cache_dir=cache)
+    # The URL goes away: an error that says the cache was not used, unless offline on purpose.
+    (root / gemma3_270m.name).unlink()
+    with pytest.raises(ModelMetaError, match=r"HTTP 404.*cached metadata is not used"):
+        read_meta_url(url, sha256=GEMMA3_270M_SHA256, cache_dir=cache)
+    offline = read_meta_url(url, sha256=GEMMA3_270M_SHA256, cache_dir=cache, offline=True)
+    assert offline == meta_270m
+    with pytest.raises(ModelMetaError, match="G4F_OFFLINE=1 and no cached metadata"):
+        read_meta_url(f"{server.base_url}/x.gguf", sha256=_SHA, cache_dir=cache, offline=True)
 
 
 _SHA = "0" * 64

@@ -137,13 +137,19 @@ def test_rendered_units_with_hostile_values_pass_systemd_analyze(tmp_path: Path)
     and the read-only path exactly.
     """
     root = tmp_path / "opt x; whoami $HOME %h 50%"  # systemd refuses quotes and \\ here
-    data = host_data(
-        llamacpp_build={"install_root": str(root), "cuda_architectures": [89]},
-        llama_models_dir=f"/var/lib/{HOSTILE}",
-        llama_service_user="root",
-        llama_server={"extra_args": ["--alias", HOSTILE]},
+    valid = parse_host_config("box1", host_data(llamacpp_build={"cuda_architectures": [89]}))
+    # Host data refuses these (tests/unit/test_bad_input.py); the renderer must escape them
+    # anyway, so they are put past validation here.
+    config = valid.model_copy(
+        update={
+            "build": valid.build.model_copy(update={"install_root": str(root)}),
+            "models_dir": f"/var/lib/{HOSTILE}",
+            "service_user": "root",
+            "instances": [
+                valid.instances[0].model_copy(update={"extra_args": ["--alias", HOSTILE]})
+            ],
+        }
     )
-    config = parse_host_config("box1", data)
     inst = config.instances[0]
     binary = Path(config.server_binary)
     binary.parent.mkdir(parents=True)
