@@ -519,11 +519,12 @@ def test_model_urls(
 
 
 class _Host:
-    """What the pipeline reads of a pyinfra inventory host: its name and merged data."""
+    """What the pipeline reads of a pyinfra inventory host: its name, groups and merged data."""
 
     def __init__(self, name: str, data: dict[str, Any]) -> None:
         self.name = name
-        self.data = SimpleNamespace(get=data.get)
+        self.groups: list[str] = []
+        self.data = SimpleNamespace(get=data.get, dict=lambda: dict(data))
 
 
 def test_pipeline_reports_every_host_and_reads_each_model_once(
