@@ -160,6 +160,8 @@ def inventory_problems(hosts: Iterable[Any]) -> list[str]:
     """
     problems = []
     for each in hosts:
+        if each.name.startswith("@"):
+            continue  # a connector (@local, @docker/...): pyinfra repeats its groups itself
         for group in sorted({g for g in each.groups if each.groups.count(g) > 1}):
             problems.append(f"host {each.name}: inventory: listed twice in group {group}")
     by_address: dict[str, list[str]] = {}
