@@ -26,7 +26,7 @@ from pyinfra.api.host import Host
 from gemma4_fleet.config import OWNED_FLAGS, ConfigError, parse_host_config
 from gemma4_fleet.deploys import gemma4_mtp, host_setup
 from gemma4_fleet.facts import NvidiaGpus, PasswdLine
-from gemma4_fleet.host_checks import SERVICE_ACCOUNT_MARK
+from gemma4_fleet.host_checks import SERVICE_ACCOUNT_MARK, account_problems, parse_passwd
 from gemma4_fleet.pipeline import HostSetup
 from gemma4_fleet.synthetic import write_pair
 from tests.unit.test_config import group_all
@@ -532,3 +532,23 @@ def test_broken_inventory_files_give_one_line(
     assert run.stderr.startswith(f"gemma4-fleet: {says}"), run.stderr
     assert len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert "Traceback" not in run.stderr + run.stdout
+
+
+def test_the_account_fact_and_decision_on_this_machine(good: dict[str, Any]) -> None:
+    """PasswdLine's real command (getent) here: root is found and refused, an absent name is
+    None and accepted, our marked account is accepted."""
+
+    def looked_up(user: str) -> str | None:
+        command = PasswdLine().command(user).get_raw_value()
+        out = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True)
+        return PasswdLine().process(out.stdout.splitlines())
+
+    config = parse_host_config(HOST, good)
+    root = looked_up("root")
+    assert root is not None and root.startswith("root:x:0:0:")
+    (problem,) = account_problems(config, parse_passwd(root))
+    assert problem == ("llama_service_user", "'llama' has uid 0 (root); use the tool's own account")
+    assert looked_up("g4f-nobody-has-this-name") is None
+    assert account_problems(config, None) == []
+    ours = parse_passwd(f"llama:x:998:998:{SERVICE_ACCOUNT_MARK},,,:/nonexistent:/usr/sbin/nologin")
+    assert account_problems(config, ours) == []
