@@ -567,14 +567,17 @@ def parse_host_config(host_name: str, data: Mapping[str, Any]) -> HostConfig:
     `data` may be all of the host's data (`host.data.dict()`): keys that look like a typo of
     ours are errors, other keys (pyinfra's, the user's) are ignored.
     """
-    typos = unknown_key_problems(data)
-    if typos:
-        raise ConfigError("\n".join(f"host {host_name}: {key}: {why}" for key, why in typos))
+    typos = [f"host {host_name}: {key}: {why}" for key, why in unknown_key_problems(data)]
     server = data.get("llama_server") or {}
     raw_instances = data.get("llama_instances") or []
     if not isinstance(server, Mapping) or not isinstance(raw_instances, list):
         raise ConfigError(
-            f"host {host_name}: llama_server must be a dict and llama_instances a list"
+            "\n".join(
+                [
+                    *typos,
+                    f"host {host_name}: llama_server must be a dict and llama_instances a list",
+                ]
+            )
         )
     raw: dict[str, Any] = {
         "instances": [
@@ -592,9 +595,8 @@ def parse_host_config(host_name: str, data: Mapping[str, Any]) -> HostConfig:
             + (f" (got {err['input']!r})" if not isinstance(err["input"], dict | list) else "")
             for err in exc.errors()
         ]
-        raise ConfigError("\n".join(lines)) from None
-    problems = config.cross_field_problems()
-    if problems:
-        lines = [f"host {host_name}: {field}: {problem}" for field, problem in problems]
-        raise ConfigError("\n".join(lines))
+        raise ConfigError("\n".join(typos + lines)) from None
+    lines = [f"host {host_name}: {field}: {why}" for field, why in config.cross_field_problems()]
+    if typos or lines:
+        raise ConfigError("\n".join(typos + lines))
     return config

@@ -434,8 +434,9 @@ def test_the_table_is_large_enough_and_the_good_config_deploys(
 def test_every_hosts_errors_come_together(
     good: dict[str, Any], recorded_facts: dict[str, Any]
 ) -> None:
-    other = patched(good, {"llama_service_user": "root"})
+    other = patched(good, {"llama_service_user": "root", "llama_instance": []})
     message = deploy_error(make_state(other, patched(good, {"llama_server.port": 0}), "plain"))
+    assert f"host {OTHER}: llama_instance: not a gemma4-fleet key" in message  # typo and field
     assert message.startswith("invalid configuration")
     assert f"host {OTHER}: llama_service_user" in message
     assert f"host {HOST}: {I}.port" in message
