@@ -460,7 +460,7 @@ def test_slips_that_are_accepted(good: dict[str, Any], recorded_facts: dict[str,
     state = make_state(good, upper, "plain")
     with state_context(state):
         plan = host_setup_of(HOST).plan
-    assert plan.of("gemma4").budget_source == f"gpu_memory_mib.{UUID0}"
+    assert plan.instance_plan("gemma4").budget_source == f"gpu_memory_mib.{UUID0}"
 
 
 def help_lines(text: str) -> Iterator[set[str]]:
