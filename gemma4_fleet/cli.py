@@ -1,4 +1,4 @@
-"""The `gemma4-fleet` command: VRAM plans for an inventory, and a local test fleet by hand."""
+"""The `gemma4-fleet` command: VRAM plans and status of an inventory, a local test fleet by hand."""
 
 from __future__ import annotations
 
@@ -18,13 +18,29 @@ if TYPE_CHECKING:
     from gemma4_fleet.facts import Gpu
 
 
-def _load_inventory(path: str) -> tuple[Any, Any]:
+def override_data(pairs: list[str]) -> dict[str, Any]:
+    """`--data KEY=VALUE` as pyinfra's CLI reads it: true/false, integers, JSON, else a string."""
+    from pyinfra_cli.util import parse_cli_arg
+
+    data: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--data {pair}: expected KEY=VALUE")
+        data[key] = parse_cli_arg(value)
+    return data
+
+
+def _load_inventory(path: str, data: list[str] | None = None) -> tuple[Any, Any]:
     """(State, Inventory) loaded exactly as the pyinfra CLI does (group_data from the current
-    directory and the inventory's folder, host data precedence); nothing is connected."""
-    # pyinfra_cli monkey-patches the stdlib for gevent on import: only the plan command pays.
+    directory and the inventory's folder, host data precedence, `--data` over all of it);
+    nothing is connected."""
+    # pyinfra_cli monkey-patches the stdlib for gevent on import: only plan and status pay.
     from pyinfra.api import State
     from pyinfra.context import ctx_state
     from pyinfra_cli.inventory import make_inventory
+
+    overrides = override_data(data or [])
 
     cwd = os.getcwd()
     if cwd not in sys.path:  # as pyinfra's CLI: group data and inventories may import from cwd
@@ -33,7 +49,7 @@ def _load_inventory(path: str) -> tuple[Any, Any]:
     state.cwd = cwd
     try:
         with ctx_state.use(state):
-            inventory = make_inventory(path, cwd=cwd)
+            inventory = make_inventory(path, override_data=overrides, cwd=cwd)
     except Exception as exc:  # user code in the inventory and group data runs here
         raise ConfigError(load_error(path, exc)) from None
     if not list(inventory):
@@ -123,7 +139,8 @@ def _read_gpus(
 
 
 def _plan(args: argparse.Namespace) -> int:
-    state, inventory = _load_inventory(args.inventory)  # first: pyinfra_cli patches the stdlib
+    # pyinfra_cli first: it monkey-patches ssl, which the pipeline's requests would import.
+    state, inventory = _load_inventory(args.inventory, args.data)
     from gemma4_fleet.pipeline import FleetConfigError, host_setups
 
     hosts = _limited_hosts(inventory, args.limit)
@@ -131,7 +148,9 @@ def _plan(args: argparse.Namespace) -> int:
         raise ConfigError(f"inventory {args.inventory}: no hosts")
     read = partial(_read_gpus, state, inventory) if args.from_hosts else None
     try:
-        setups = host_setups(hosts, read)
+        # Checksums not filled in yet are planned (headers are read all the same) with a
+        # warning; the deploy refuses them.
+        setups = host_setups(hosts, read, placeholders=True)
     except FleetConfigError as exc:
         if args.json:
             print(json.dumps({"errors": list(exc.errors)}, indent=2))
@@ -140,7 +159,29 @@ def _plan(args: argparse.Namespace) -> int:
         print(json.dumps({"hosts": {n: s.plan.to_json() for n, s in setups.items()}}, indent=2))
     else:
         print("\n\n".join(setup.plan.table() for setup in setups.values()))
+    for warning in (w for setup in setups.values() for w in setup.warnings):
+        print(f"gemma4-fleet: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    state, inventory = _load_inventory(args.inventory, args.data)
+    from gemma4_fleet.pipeline import FleetConfigError, host_configs
+    from gemma4_fleet.status import read_fleet, status_table
+
+    hosts = _limited_hosts(inventory, args.limit)
+    if not hosts:
+        raise ConfigError(f"inventory {args.inventory}: no hosts")
+    # Host data as the deploy reads it (no plan: that needs no host and may need their GPUs).
+    configs, errors, _ = host_configs(hosts, placeholders=True)
+    if errors:
+        raise FleetConfigError(errors)
+    rows = read_fleet(state, inventory, hosts, configs)
+    if args.json:
+        print(json.dumps({"instances": [row.to_json() for row in rows]}, indent=2))
+    else:
+        print(status_table(rows))
+    return 0 if all(row.ok for row in rows) else 1
 
 
 def _fleet(args: argparse.Namespace) -> int:
@@ -189,6 +230,24 @@ def _fleet_action(fleet: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _inventory_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inventory", help="pyinfra inventory (file, host list or module)")
+    parser.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="only these hosts or groups (glob; repeat or comma-separate)",
+    )
+    parser.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override host data as pyinfra's --data does (JSON, true/false, integers, strings)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gemma4-fleet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -217,14 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "tenants and headroom against the budget, and the ctx chosen for ctx_size auto. "
         "Exit status 1 with every error when a host is refused.",
     )
-    plan.add_argument("inventory", help="pyinfra inventory (file, host list or module)")
-    plan.add_argument(
-        "--limit",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="only these hosts or groups (glob; repeat or comma-separate)",
-    )
+    _inventory_arguments(plan)
     plan.add_argument("--json", action="store_true", help="machine-readable output (bytes)")
     plan.add_argument(
         "--from-hosts",
@@ -233,6 +285,17 @@ def main(argv: list[str] | None = None) -> int:
         "gpu_memory_mib in host data still wins)",
     )
     plan.set_defaults(func=_plan)
+    status = sub.add_parser(
+        "status",
+        help="the fleet table, read from the hosts over SSH; changes nothing",
+        description="For every instance of every host: unit state, /health, model id and file, "
+        "build, the last smoke report (status, age, tok/s, acceptance) and the GPU memory its "
+        "server holds. A host that cannot be reached is a row that says so. Exit status 1 when "
+        "any instance is not serving or its last smoke check failed.",
+    )
+    _inventory_arguments(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=_status)
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)

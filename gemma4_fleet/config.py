@@ -138,6 +138,24 @@ def service_account(value: str) -> str:
     return value
 
 
+# What users and their OpenAI clients call the model (llama-server --alias; one name, no comma).
+Alias = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")]
+
+# llama.cpp's built-in chat templates at the pinned commit (`llama-server --help`,
+# --chat-template); tests check this list against the recorded help text.
+BUILTIN_CHAT_TEMPLATES = frozenset(
+    (
+        "bailing", "bailing-think", "bailing2", "chatglm3", "chatglm4", "chatml", "command-r",
+        "deepseek", "deepseek-ocr", "deepseek2", "deepseek3", "exaone-moe", "exaone3", "exaone4",
+        "falcon3", "gemma", "gigachat", "glmedge", "gpt-oss", "granite", "granite-4.0",
+        "granite-4.1", "grok-2", "hunyuan-dense", "hunyuan-moe", "hunyuan-vl", "kimi-k2", "llama2",
+        "llama2-sys", "llama2-sys-bos", "llama2-sys-strip", "llama3", "llama4", "megrez", "minicpm",
+        "mistral-v1", "mistral-v3", "mistral-v3-tekken", "mistral-v7", "mistral-v7-tekken",
+        "monarch", "openchat", "orion", "pangu-embedded", "phi3", "phi4", "rwkv-world", "seed_oss",
+        "smolvlm", "solar-open", "vicuna", "vicuna-orca", "yandex", "zephyr",
+    )
+)  # fmt: skip
+
 HOST_DATA_KEYS = {
     "llamacpp": "llamacpp",
     "build": "llamacpp_build",
@@ -160,6 +178,9 @@ def server_unit(instance_name: str) -> str:
 def smoke_unit(instance_name: str, suffix: str = "service") -> str:
     """The smoke-check service (or, with suffix "timer", its timer) of an instance."""
     return f"llama-smoke-{instance_name}.{suffix}"
+
+
+CHAT_TEMPLATE_DIR = "/etc/gemma4-fleet/chat-templates"
 
 
 class ConfigError(ValueError):
@@ -248,7 +269,8 @@ OWNED_FLAGS: dict[str, tuple[str, ...]] = {
     "(the health and smoke checks use http://host:port/ and /slots)": (
         "--api-prefix", "--ssl-key-file", "--ssl-cert-file", "--slots", "--no-slots",
     ),
-    "(the tool sets the alias)": ("-a", "--alias"),
+    "alias": ("-a", "--alias"),
+    "chat_template or chat_template_file": ("--chat-template", "--chat-template-file"),
 }  # fmt: skip
 _FLAG_OWNER = {flag: field for field, flags in OWNED_FLAGS.items() for flag in flags}
 
@@ -337,7 +359,24 @@ class ServerSettings(_Model):
     flash_attn: Literal["on", "off", "auto"] = "on"
     fit: bool = False
     jinja: bool = True
+    # None: the template in the target GGUF. A llama.cpp built-in name ("gemma") runs on the
+    # legacy template engine (--no-jinja: under --jinja the name would be the template text).
+    chat_template: str | None = None
+    # A Jinja file on the controller, uploaded next to the unit (--chat-template-file).
+    chat_template_file: str | None = None
     cont_batching: bool = True
+
+    @field_validator("chat_template")
+    @classmethod
+    def _builtin_template(cls, name: str | None) -> str | None:
+        if name is not None and name not in BUILTIN_CHAT_TEMPLATES:
+            raise ValueError(
+                "not a llama.cpp built-in template (have: "
+                f"{', '.join(sorted(BUILTIN_CHAT_TEMPLATES))}); for a Jinja template use "
+                "chat_template_file: <path on the controller>"
+            )
+        return name
+
     threads: Annotated[int, Field(ge=1)] | None = None
     extra_args: list[str] = []
     # Seed 003: MTP at --parallel > 1 is slower than MTP off. Refused unless this says otherwise.
@@ -350,6 +389,19 @@ class Instance(ServerSettings):
     drafter: str | None = None
     # A GPU index ("0") or UUID ("GPU-..."); rendered as the UUID, which survives reboots.
     gpu: GpuRef | None = None
+    # The model id clients see in /v1/models and send as "model"; default: the target's name.
+    alias: Alias | None = None
+
+    @property
+    def model_id(self) -> str:
+        return self.alias or self.target
+
+    @property
+    def chat_template_path(self) -> str | None:
+        """Where chat_template_file goes on the host (readable by the hardened unit)."""
+        if self.chat_template_file is None:
+            return None
+        return f"{CHAT_TEMPLATE_DIR}/{self.name}.jinja"
 
     @property
     def unit(self) -> str:
@@ -388,6 +440,8 @@ class Instance(ServerSettings):
                 f"parallel {self.parallel} with draft-mtp is slower than MTP off (seed 003); "
                 "use parallel 1, or set allow_parallel_mtp: true to insist"
             )
+        if self.chat_template is not None and self.chat_template_file is not None:
+            raise ValueError("give chat_template (a built-in name) or chat_template_file, not both")
         if self.draft_n_min > self.draft_n_max:
             raise ValueError("draft_n_min is larger than draft_n_max")
         quantized_v = [
@@ -559,6 +613,35 @@ def unknown_key_problems(keys: Iterable[str]) -> list[tuple[str, str]]:
         elif key.startswith(_OUR_PREFIXES):
             problems.append((key, f"not a gemma4-fleet key (known: {', '.join(KNOWN_KEYS)})"))
     return problems
+
+
+def stand_in_checksums(
+    host_name: str, data: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """For planning only: host data whose sha256 values that are not filled in yet (the
+    example inventory's `FILL-IN: ...`) get a stand-in, and {stand-in: warning} for each.
+
+    The deploy never calls this: it refuses such hosts.
+    """
+    models = data.get("llama_models")
+    if not isinstance(models, Mapping):
+        return dict(data), {}
+    patched: dict[str, Any] = {}
+    warnings: dict[str, str] = {}
+    for name, model in models.items():
+        sha = model.get("sha256") if isinstance(model, Mapping) else None
+        if not isinstance(sha, str) or re.fullmatch(r"[0-9a-f]{64}", sha):
+            patched[name] = model
+            continue
+        source = model.get("url") or model.get("local_path")
+        stand_in = hashlib.sha256(f"g4f-placeholder\0{name}\0{source}".encode()).hexdigest()
+        patched[name] = {**model, "sha256": stand_in}
+        warnings[stand_in] = (
+            f"host {host_name}: llama_models.{name}.sha256: not a sha256 yet (got {sha!r}); "
+            f"planned from the file's header, but the deploy refuses this host until it is "
+            f"filled in (sha256sum {model.get('file', name)})"
+        )
+    return {**data, "llama_models": patched}, warnings
 
 
 def parse_host_config(host_name: str, data: Mapping[str, Any]) -> HostConfig:

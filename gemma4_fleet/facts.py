@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -223,3 +224,96 @@ class PasswdLine(FactBase[str | None]):
 
     def process(self, output: list[str]) -> str | None:
         return _single(output)
+
+
+@dataclass(frozen=True)
+class InstanceState:
+    """A llama-server instance as it runs now, read without changing anything."""
+
+    active: str  # `systemctl is-active`: active, inactive, failed, activating, ...
+    main_pid: int | None
+    health: int | None  # HTTP status of /health; None: no answer
+    now: int | None  # the host's clock, for the report's age
+    report_mtime: int | None
+    report: dict[str, Any] | None  # the last smoke report (JSON), None when there is none
+    gpu_mib: dict[int, int]  # nvidia-smi compute apps: pid -> MiB
+
+    @property
+    def report_age_s(self) -> int | None:
+        if self.now is None or self.report_mtime is None:
+            return None
+        return max(0, self.now - self.report_mtime)
+
+    @property
+    def server_gpu_mib(self) -> int | None:
+        """GPU memory the server process holds (None: not on a GPU, or no nvidia-smi)."""
+        return self.gpu_mib.get(self.main_pid) if self.main_pid else None
+
+
+_INSTANCE_STATE = (
+    'unit="$1"; url="$2"; report="$3"; '
+    'echo "active=$(systemctl is-active "$unit" 2>/dev/null)"; '
+    'echo "pid=$(systemctl show -p MainPID --value "$unit" 2>/dev/null)"; '
+    'echo "health=$(curl -s -o /dev/null -m 5 -w "%{http_code}" "$url" 2>/dev/null)"; '
+    'echo "now=$(date +%s)"; '
+    "if command -v nvidia-smi >/dev/null 2>&1; then "
+    "nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null "
+    '| sed "s/^/gpu=/"; fi; '
+    'if [ -r "$report" ]; then echo "report_mtime=$(stat -c %Y "$report")"; '
+    'printf "report="; tr -d "\\n" <"$report"; echo; fi; exit 0'
+)
+
+
+def parse_instance_state(output: list[str]) -> InstanceState:
+    """The key=value lines of LlamaInstanceState's command."""
+    values: dict[str, str] = {}
+    gpu: dict[int, int] = {}
+    for line in output:
+        key, _, value = line.partition("=")
+        if key == "gpu":
+            pid, _, mib = value.partition(",")
+            if pid.strip().isdigit() and mib.strip().isdigit():
+                gpu[int(pid)] = int(mib)
+        else:
+            values[key] = value.strip()
+    if "active" not in values:
+        raise FactProcessError(f"unexpected instance state output: {output[:3]!r}")
+
+    def number(key: str) -> int | None:
+        text = values.get(key, "")
+        return int(text) if text.isdigit() and int(text) > 0 else None
+
+    report: dict[str, Any] | None = None
+    if values.get("report"):
+        try:
+            loaded = json.loads(values["report"])
+        except ValueError:
+            loaded = None
+        report = loaded if isinstance(loaded, dict) else {"status": "unreadable report"}
+    return InstanceState(
+        active=values["active"] or "unknown",
+        main_pid=number("pid"),
+        health=number("health"),  # curl says 000 when nothing answered
+        now=number("now"),
+        report_mtime=number("report_mtime"),
+        report=report,
+        gpu_mib=gpu,
+    )
+
+
+class LlamaInstanceState(FactBase[InstanceState]):
+    """Unit state, /health, server GPU memory and the last smoke report of one instance."""
+
+    def command(self, unit: str, health_url: str, report: str) -> StringCommand:
+        return StringCommand(
+            "sh",
+            "-c",
+            QuoteString(_INSTANCE_STATE),
+            "g4f",
+            QuoteString(unit),
+            QuoteString(health_url),
+            QuoteString(report),
+        )
+
+    def process(self, output: list[str]) -> InstanceState:
+        return parse_instance_state(output)

@@ -68,6 +68,9 @@ class ModelMeta(BaseModel):
     sliding_window: int  # n_swa, 0 = no SWA
     swa_layers: tuple[bool, ...]  # per layer, True = SWA
     shared_kv_layers: int
+    # tokenizer.chat_template is present: llama-server uses it for /v1/chat/completions.
+    # No default: header caches written before this field existed are read again.
+    has_chat_template: bool
     tensor_bytes: dict[str, int]
 
     @property
@@ -92,7 +95,7 @@ OFFLINE_ENV = "G4F_OFFLINE"
 def read_meta_url(
     url: str,
     *,
-    sha256: str,
+    sha256: str | None,
     cache_dir: Path,
     size: int | None = None,
     offline: bool | None = None,
@@ -103,8 +106,13 @@ def read_meta_url(
     The URL is always asked first (one 8-byte range request): an entry is used only when the
     URL answers with the same size, and a URL that does not answer is an error, not a plan from
     an old entry. With `offline` (default: the environment variable G4F_OFFLINE=1) the URL is
-    not asked and the entry must exist.
+    not asked and the entry must exist. sha256 None (a checksum not filled in yet): read the
+    header every time, cache nothing.
     """
+    if sha256 is None:
+        with requests.Session() as session:
+            header = _read_header(lambda start, end: _http_range(session, url, start, end), url)
+        return _build_meta(header, default_name=url.rsplit("/", 1)[-1])
     if not _SHA256.fullmatch(sha256):
         raise ModelMetaError(f"{url}: sha256 must be 64 lowercase hex digits, got {sha256!r}")
     if offline is None:
@@ -415,6 +423,7 @@ def _build_meta(header: _Header, *, default_name: str) -> ModelMeta:
         sliding_window=n_swa,
         swa_layers=swa_layers,
         shared_kv_layers=shared_kv_layers,
+        has_chat_template=bool(kv.get(Keys.Tokenizer.CHAT_TEMPLATE)),
         tensor_bytes={t.name: t.nbytes for t in header.tensors},
     )
 

@@ -20,6 +20,7 @@ from pyinfra.api.host import Host
 from gemma4_fleet.config import HostConfig, ModelFile
 from gemma4_fleet.facts import GitHead, LlamaCppBuildInfo, LlamaServerFlags, ModelFileStamp
 from gemma4_fleet.host_scripts.prune import MARKER as OWNED_MARKER
+from gemma4_fleet.progress import curl_progress, ninja_progress, with_progress
 from gemma4_fleet.render import PRUNE_SCRIPT, VERIFY_SCRIPT
 
 logger = logging.getLogger("gemma4_fleet")
@@ -114,7 +115,7 @@ def build(config: HostConfig) -> Commands:
         host.noop(f"llama.cpp build {config.build_id} already installed")
         return
     root = config.build.install_root
-    yield _script(
+    script = _script(
         'set -f; [ -z "$ccache" ] || export CCACHE_DIR="$ccache"; jobs="${jobs:-$(nproc)}"; '
         # NVIDIA's installers put nvcc here without adding it to PATH.
         'export PATH="$PATH:/usr/local/cuda/bin"; '
@@ -137,6 +138,13 @@ def build(config: HostConfig) -> Commands:
         jobs=str(config.build.jobs or ""),
         ccache=config.build.ccache_dir or "",
         owned=OWNED_MARKER,
+    )
+    # ninja's [n/m] lines go to the build log: a progress line from there while it builds.
+    yield with_progress(
+        script,
+        what=f"llama.cpp build {config.build_id}",
+        log_path=f"{root}/build/{config.build_id}.log",
+        parse=ninja_progress,
     )
 
 
@@ -180,11 +188,18 @@ def model_file(dest: str, model: ModelFile) -> Commands:
         if len(parts) == 5 and parts[2] == model.sha256 and parts[0:2] == parts[3:5]:
             host.noop(f"{dest} present and verified")
             return
-    fetch = 'curl -fsSL --retry 3 -o "$tmp" "$url"' if model.url else "true"
+    # curl's progress meter goes to a file that the progress lines are read from.
+    fetch = (
+        'curl -fSL --retry 3 -o "$tmp" "$url" 2>"$tmp.progress" || '
+        '{ grep -a "curl:" "$tmp.progress" >&2; rm -f "$tmp.progress"; exit 1; }; '
+        'rm -f "$tmp.progress"'
+        if model.url
+        else "true"
+    )
     if model.local_path:
         # files.put-style upload of the controller's copy to the partial path.
         yield from _upload(model.local_path, f"{dest}.partial")
-    yield _script(
+    script = _script(
         'tmp="$dest.partial"; mkdir -p "$(dirname "$dest")"; : >"$(dirname "$dest")/$owned"; '
         'if [ -f "$dest" ] && [ "$(sha256sum <"$dest" | cut -d" " -f1)" = "$want" ]; then '
         'rm -f "$tmp"; else ' + fetch + "; "
@@ -203,6 +218,15 @@ def model_file(dest: str, model: ModelFile) -> Commands:
         size=str(model.size or ""),
         owned=OWNED_MARKER,
     )
+    if model.url:
+        yield with_progress(
+            script,
+            what=f"download {model.file}",
+            log_path=f"{dest}.partial.progress",
+            parse=curl_progress,
+        )
+    else:
+        yield script
 
 
 def _upload(local_path: str, remote_path: str) -> Commands:

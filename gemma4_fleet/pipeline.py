@@ -18,7 +18,13 @@ from typing import Any
 
 from pyinfra.api import OperationError
 
-from gemma4_fleet.config import ConfigError, HostConfig, host_data_of, parse_host_config
+from gemma4_fleet.config import (
+    ConfigError,
+    HostConfig,
+    host_data_of,
+    parse_host_config,
+    stand_in_checksums,
+)
 from gemma4_fleet.facts import Gpu
 from gemma4_fleet.host_checks import host_problems, inventory_problems
 from gemma4_fleet.vram_plan import (
@@ -54,6 +60,8 @@ class HostSetup:
     gpus: list[Gpu]
     # each configured GPU reference -> the UUID its units and drop-ins are pinned to
     uuids: Mapping[str, str] = field(default_factory=dict)
+    # what will deploy but not work as users expect (no chat template), or not deploy yet
+    warnings: tuple[str, ...] = ()
 
     def gpu_uuid(self, ref: str | None) -> str | None:
         """The UUID for a configured GPU reference (None for no GPU)."""
@@ -113,12 +121,35 @@ def host_data(host: Any) -> dict[str, Any]:
     return {**host.data.dict(), **host_data_of(host.data.get)}
 
 
+def host_configs(
+    hosts: Iterable[Any], *, placeholders: bool = False
+) -> tuple[dict[str, HostConfig], list[str], dict[str, dict[str, str]]]:
+    """(validated config per host, errors, {host: {stand-in sha256: warning}}).
+
+    + placeholders: plan hosts whose sha256 values are not filled in yet (the example
+      inventory's `FILL-IN`) with a stand-in and a warning each; the deploy never does
+    """
+    configs: dict[str, HostConfig] = {}
+    errors: list[str] = []
+    stand_ins: dict[str, dict[str, str]] = {}
+    for host in hosts:
+        data = host_data(host)
+        if placeholders:
+            data, stand_ins[host.name] = stand_in_checksums(host.name, data)
+        try:
+            configs[host.name] = parse_host_config(host.name, data)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    return configs, errors, stand_ins
+
+
 def host_setups(
     hosts: Iterable[Any],
     read_gpus: GpuReader | None,
     *,
     read_accounts: AccountReader | None = None,
     meta_for: MetaFor = meta_for_model,
+    placeholders: bool = False,
 ) -> dict[str, HostSetup]:
     """Validated, GPU-resolved and planned setup of every host; FleetConfigError lists all.
 
@@ -128,15 +159,11 @@ def host_setups(
     + read_accounts: looks up each host's service account (the deploy: the PasswdLine fact);
       None skips that check (the `plan` command)
     + meta_for: GGUF metadata of a model (read once per model for the whole fleet)
+    + placeholders: plan checksums not filled in yet, with a warning (`gemma4-fleet plan`)
     """
     hosts = list(hosts)
-    configs: dict[str, HostConfig] = {}
-    errors = inventory_problems(hosts)
-    for host in hosts:
-        try:
-            configs[host.name] = parse_host_config(host.name, host_data(host))
-        except ConfigError as exc:
-            errors.append(str(exc))
+    configs, errors, stand_ins = host_configs(hosts, placeholders=placeholders)
+    errors = inventory_problems(hosts) + errors
     read: dict[str, list[Gpu]] = {}
     unreadable: dict[str, str] = {}
     if read_gpus is not None and configs:
@@ -146,8 +173,13 @@ def host_setups(
     if read_accounts is not None and configs:
         accounts = read_accounts([(h, configs[h.name]) for h in hosts if h.name in configs])
 
+    uncached = {sha for per_host in stand_ins.values() for sha in per_host}
     setups: dict[str, HostSetup] = {}
-    read_meta = memoized(meta_for)
+    read_meta = memoized(
+        lambda model: (
+            meta_for_model(model, cache=False) if model.sha256 in uncached else meta_for(model)
+        )
+    )
     for name, config in configs.items():
         if name in unreadable:
             continue
@@ -168,7 +200,8 @@ def host_setups(
         except PlanConfigError as exc:
             errors += exc.errors
             continue
-        setups[name] = HostSetup(config, plan, gpus or [], uuids)
+        warnings = (*stand_ins.get(name, {}).values(), *plan.warnings)
+        setups[name] = HostSetup(config, plan, gpus or [], uuids, warnings)
     if errors:
         raise FleetConfigError(errors)
     return setups

@@ -19,7 +19,13 @@ def server_argv(config: HostConfig, inst: Instance, ctx_size: int | None = None)
     ctx = ctx_size if ctx_size is not None else inst.ctx_size
     if not isinstance(ctx, int):
         raise ConfigError(f"instance {inst.name}: ctx_size auto needs a VRAM plan")
-    argv = [config.server_binary, "--model", config.model_path(inst.target)]
+    argv = [
+        config.server_binary,
+        "--model",
+        config.model_path(inst.target),
+        "--alias",
+        inst.model_id,
+    ]
     if inst.drafter is not None:
         argv += [
             "--model-draft",
@@ -57,13 +63,26 @@ def server_argv(config: HostConfig, inst: Instance, ctx_size: int | None = None)
     ]
     if inst.cont_batching:
         argv.append("--cont-batching")
-    if inst.jinja:
-        argv.append("--jinja")
+    argv += chat_template_argv(inst)
     if inst.threads is not None:
         argv += ["--threads", str(inst.threads)]
     # --offline: the server never fetches anything itself; --metrics: Prometheus incl. drafts.
     argv += ["--host", inst.host, "--port", str(inst.port), "--offline", "--metrics", "--no-webui"]
     return argv + list(inst.extra_args)
+
+
+def chat_template_argv(inst: Instance) -> list[str]:
+    """The template engine and template of /v1/chat/completions.
+
+    jinja is on by default at the pinned commit, so `jinja: false` must say --no-jinja. A
+    built-in name needs the legacy engine: under --jinja the name itself would be the template.
+    """
+    if inst.chat_template is not None:
+        return ["--no-jinja", "--chat-template", inst.chat_template]
+    argv = ["--jinja" if inst.jinja else "--no-jinja"]
+    if inst.chat_template_path is not None:
+        argv += ["--chat-template-file", inst.chat_template_path]
+    return argv
 
 
 HOST_SCRIPTS_DIR = "/usr/local/lib/gemma4-fleet"  # gemma4_fleet/host_scripts/*.py, as shipped

@@ -32,10 +32,11 @@ Every error is a :class:`~gemma4_fleet.config.ConfigError` whose lines read
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from gemma4_fleet.chat_template import ChatTemplateUse, chat_template_use
 from gemma4_fleet.common import cache_dir
 from gemma4_fleet.config import ConfigError, GpuService, HostConfig, Instance, ModelFile
 from gemma4_fleet.facts import Gpu
@@ -99,6 +100,8 @@ class InstancePlan:
     gpu_index: int | None = None  # from nvidia-smi
     gpu_uuid: str | None = None
     gpu_name: str | None = None
+    model_id: str | None = None  # what /v1/models lists (--alias)
+    chat: ChatTemplateUse | None = None  # the template /v1/chat/completions will use
 
     @property
     def gpu_label(self) -> str:
@@ -158,6 +161,8 @@ class InstancePlan:
                 "free": self.free,
             },
             "tenants": [{"name": t.name, "kind": t.kind, "bytes": t.bytes} for t in self.tenants],
+            "model_id": self.model_id,
+            "chat_template": self.chat.to_json() if self.chat else None,
         }
 
 
@@ -189,8 +194,21 @@ class HostPlan:
     def fits(self) -> bool:
         return all(row.fits for row in self.instances)
 
+    @property
+    def warnings(self) -> list[str]:
+        """Things that deploy but will not work as users expect (a chat template missing)."""
+        return [
+            f"host {self.host}: llama_instances[{r.instance}].chat_template: {r.chat.warning}"
+            for r in self.instances
+            if r.chat is not None and r.chat.warning
+        ]
+
     def to_json(self) -> dict[str, Any]:
-        return {"fits": self.fits, "instances": [row.to_json() for row in self.instances]}
+        return {
+            "fits": self.fits,
+            "instances": [row.to_json() for row in self.instances],
+            "warnings": self.warnings,
+        }
 
     def table(self) -> str:
         """A compact table in MiB, then one line per GPU: what it is, budget source, tenants."""
@@ -227,6 +245,11 @@ class HostPlan:
                         f"{t.name} {_num(t.bytes)}" for t in services
                     )
                 notes[r.gpu_label] = note
+        for r in self.instances:
+            if r.chat is not None:
+                notes[f"chat {r.instance}"] = (
+                    f"{r.instance}: model id {r.model_id!r}; chat template: {r.chat.describe()}"
+                )
         if any(r.gpu is None for r in self.instances):
             notes["cpu"] = f"cpu: weights and KV in host RAM; auto ctx = {CPU_AUTO_CTX} per slot"
         widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
@@ -252,9 +275,10 @@ def _num(n: int | None) -> str:
 # --- metadata ---------------------------------------------------------------------------------
 
 
-def meta_for_model(model: ModelFile) -> ModelMeta:
+def meta_for_model(model: ModelFile, *, cache: bool = True) -> ModelMeta:
     """Header metadata of a model: the local file, or by range requests (cached by sha256, URL
-    and size; see gguf_meta.read_meta_url)."""
+    and size, see gguf_meta.read_meta_url; unless `cache` is off: a stand-in for a checksum not
+    filled in yet)."""
     if model.local_path is not None:
         path = Path(model.local_path)
         if model.size is not None and path.is_file() and path.stat().st_size != model.size:
@@ -263,7 +287,10 @@ def meta_for_model(model: ModelFile) -> ModelMeta:
     if model.url is None:  # ModelFile guarantees one of the two
         raise ModelMetaError("the model has neither url nor local_path")
     return read_meta_url(
-        model.url, sha256=model.sha256, size=model.size, cache_dir=cache_dir() / "gguf-meta"
+        model.url,
+        sha256=model.sha256 if cache else None,
+        size=model.size,
+        cache_dir=cache_dir() / "gguf-meta",
     )
 
 
@@ -374,6 +401,16 @@ class _Host:
             except ModelMetaError as exc:
                 self.error(f"llama_models.{name}.{source}", str(exc))
         return metas
+
+    def with_chat(self, row: InstancePlan, models: _Models) -> InstancePlan:
+        """The row with the model id and chat template its server will use."""
+        inst = next(i for i in self.config.instances if i.name == row.instance)
+        chat: ChatTemplateUse | None = None
+        try:
+            chat = chat_template_use(inst, models.target)
+        except ValueError as exc:
+            self.error(f"llama_instances[{inst.name}].chat_template_file", str(exc))
+        return replace(row, model_id=inst.model_id, chat=chat)
 
     def check_pairing(self, inst: Instance, models: _Models) -> None:
         if models.drafter is None or inst.drafter is None:
@@ -593,6 +630,7 @@ def plan_host(
                 rows.append(host.cpu_row(inst, models[inst.name]))
             except PlanError as exc:
                 host.error(f"llama_instances[{inst.name}]", str(exc))
+    rows = [host.with_chat(row, models[row.instance]) for row in rows]
     if host.errors:
         raise PlanConfigError(host.errors)
     return HostPlan(host_name, tuple(rows))

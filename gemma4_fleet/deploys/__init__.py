@@ -10,7 +10,7 @@ import time
 import weakref
 from typing import Any
 
-from pyinfra import host, state
+from pyinfra import host, logger, state
 from pyinfra.api import State, deploy
 from pyinfra.operations import python
 from pyinfra.operations.util import any_changed
@@ -48,6 +48,8 @@ def host_setup() -> HostSetup:
         _setups[state] = host_setups(
             state.inventory.get_active_hosts(), _gpu_facts, read_accounts=_account_facts
         )
+        for warning in (w for setup in _setups[state].values() for w in setup.warnings):
+            logger.warning(f"warning: {warning}")
     return _setups[state][host.name]
 
 

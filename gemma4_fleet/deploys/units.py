@@ -101,6 +101,7 @@ def instance_unit(
         binary=config.server_binary,
         flags=flag_names(argv),
     )
+    chat_template = chat_template_file(inst)
     unit = files.template(
         name=f"Unit {inst.unit}",
         src=template_path("llama-server.service.j2"),
@@ -134,7 +135,7 @@ def instance_unit(
         service=inst.unit,
         restarted=True,
         _ignore_errors=True,
-        _if=lambda: any_changed(unit, *changed)() and not started.did_change(),
+        _if=lambda: any_changed(unit, *chat_template, *changed)() and not started.did_change(),
     )
     verified = g4f.verify_or_roll_back(
         name=f"{inst.unit} healthy and smoke check passed",
@@ -157,7 +158,22 @@ def instance_unit(
             create_local_dir=True,
             _if=verified.did_change,
         )
-    return [unit, *smoke, started, restarted, verified]
+    return [unit, *chat_template, *smoke, started, restarted, verified]
+
+
+def chat_template_file(inst: Instance) -> list[OperationMeta]:
+    """The instance's chat_template_file, uploaded where its unit reads it."""
+    if inst.chat_template_file is None or inst.chat_template_path is None:
+        return []
+    return [
+        files.put(
+            name=f"Chat template of {inst.name}",
+            src=inst.chat_template_file,
+            dest=inst.chat_template_path,
+            mode="644",
+            create_remote_dir=True,
+        )
+    ]
 
 
 def server_unit_values(

@@ -33,6 +33,9 @@ def demo_data(mirror_url: str, mirror_commit: str) -> dict[str, Any]:
                 "ctx_size": 4096,
                 "host": "0.0.0.0",
                 "port": 8080,
+                # The 270M GGUF carries no chat template (llama-server would fall back to
+                # chatml): llama.cpp's built-in Gemma template makes /v1/chat/completions sane.
+                "chat_template": "gemma",
                 # Two hosts share this machine's cores: one thread each keeps them from thrashing.
                 "threads": 1,
             }

@@ -103,8 +103,8 @@ def fleet() -> Iterator[Fleet]:
 
 @pytest.fixture(scope="session")
 def deployed(fleet: Fleet) -> PyinfraRun:
-    """The full deploy, run once on fresh hosts (a CPU build: minutes)."""
-    run = run_pyinfra("deploys/gemma4_mtp.py")
+    """The full deploy, run once on fresh hosts (a CPU build: minutes); progress lines every 5 s."""
+    run = run_pyinfra("deploys/gemma4_mtp.py", env={"G4F_PROGRESS_INTERVAL": "5"})
     assert run.returncode == 0, run.output[-4000:]
     return run
 

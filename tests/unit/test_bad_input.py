@@ -171,7 +171,7 @@ ROWS: dict[str, Row] = {
             (("-dev", "CUDA1"), "set gpu instead"),
             (("-ts", "1,1"), "set gpu instead"),
             (("-mg", "1"), "set gpu instead"),
-            (("--alias", "x"), "the tool sets the alias"),
+            (("--alias", "x"), "set alias instead"),
             (("--port 9090",), "one argument per list item"),
         ]
     },

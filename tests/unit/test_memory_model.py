@@ -150,6 +150,7 @@ def _meta(**overrides: Any) -> ModelMeta:
         "sliding_window": 1024,
         "swa_layers": tuple(il % 6 < 5 for il in range(n_layer)),
         "shared_kv_layers": 0,
+        "has_chat_template": True,
         "tensor_bytes": {},
     }
     fields.update(overrides)

@@ -24,6 +24,7 @@ from gemma4_fleet import operations as g4f
 from gemma4_fleet.config import ModelFile, parse_host_config
 from gemma4_fleet.facts import GitHead, LlamaCppBuildInfo, LlamaServerFlags, ModelFileStamp
 from gemma4_fleet.host_scripts.prune import MARKER
+from gemma4_fleet.progress import ProgressCommand
 from gemma4_fleet.render import PRUNE_SCRIPT, VERIFY_SCRIPT
 from tests.unit.test_config import host_data
 
@@ -59,12 +60,14 @@ def run_op(op: Any, host: RecordedHost, *, executing: bool = False, **kwargs: An
         return list(op._inner(**kwargs))
 
 
-def words(command: StringCommand) -> list[str]:
-    """The command as the remote shell splits it."""
+def words(command: StringCommand | ProgressCommand) -> list[str]:
+    """The command as the remote shell splits it (a long one runs with progress lines)."""
+    if isinstance(command, ProgressCommand):
+        command = command.command
     return shlex.split(command.get_raw_value())
 
 
-def script_words(command: StringCommand) -> tuple[str, list[str]]:
+def script_words(command: StringCommand | ProgressCommand) -> tuple[str, list[str]]:
     """(script, its positional values) of a `sh -c SCRIPT g4f VALUES...` command."""
     sh, dash_c, script, name, *values = words(command)
     assert (sh, dash_c, name) == ("sh", "-c", "g4f")

@@ -33,6 +33,8 @@ def test_seed_003_recipe_argv_exactly() -> None:
         f"{build}/bin/llama-server",
         "--model",
         f"/var/lib/llama-models/{SHA[:16]}/t.gguf",
+        "--alias",
+        "t",
         "--model-draft",
         f"/var/lib/llama-models/{SHA[:16]}/d.gguf",
         "--spec-type",

@@ -1,0 +1,143 @@
+"""What users see on a deployed fleet: the OpenAI client, the chat path, `status`, progress."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+from gemma4_fleet.testfleet.hosts import Fleet
+from tests.fleet.conftest import ROOT, PyinfraRun, http
+
+pytestmark = pytest.mark.fleet
+MODEL_ID = "gemma-3-270m"  # the target's name in the demo inventory: the default alias
+UNIT = "llama-server-gemma3.service"
+# What a chat reply shows when the prompt format is not the model's (chatml on Gemma) or
+# template tokens leak through.
+GARBAGE = ("<|im_end|>", "<|im_start|>", "<start_of_turn>", "<end_of_turn>", "<eos>")
+GEMMA4_FLEET = str(Path(sys.executable).with_name("gemma4-fleet"))
+
+
+def client(fleet: Fleet, name: str) -> OpenAI:
+    address = fleet.hosts[name].address
+    return OpenAI(base_url=f"http://{address}:8080/v1", api_key="not-needed", timeout=300)
+
+
+def status(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [GEMMA4_FLEET, "status", "inventories/local.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def test_v1_models_lists_the_alias(fleet: Fleet, deployed: PyinfraRun) -> None:
+    for name in fleet.hosts:
+        assert [m.id for m in client(fleet, name).models.list()] == [MODEL_ID]
+
+
+def test_chat_reply_is_sensible(fleet: Fleet, deployed: PyinfraRun) -> None:
+    name = next(iter(fleet.hosts))
+    reply = client(fleet, name).chat.completions.create(
+        model=MODEL_ID,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=48,
+        temperature=0,
+    )
+    text = reply.choices[0].message.content or ""
+    assert text.strip(), reply
+    assert not [g for g in GARBAGE if g in text], text
+    assert "Paris" in text, text
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_chat_stream(fleet: Fleet, deployed: PyinfraRun) -> None:
+    name = next(iter(fleet.hosts))
+    stream = client(fleet, name).chat.completions.create(
+        model=MODEL_ID,
+        messages=[{"role": "user", "content": "Name three colors."}],
+        max_tokens=32,
+        temperature=0,
+        stream=True,
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    text = "".join(pieces)
+    assert len([p for p in pieces if p]) > 3, pieces  # it streamed, in several pieces
+    assert text.strip() and not [g for g in GARBAGE if g in text], text
+
+
+def test_build_reported_progress_while_it_ran(deployed: PyinfraRun) -> None:
+    if not deployed.changed().get("Build llama.cpp"):
+        pytest.skip("the build was already there (G4F_KEEP_FLEET): nothing to report")
+    lines = [line for line in deployed.output.splitlines() if "llama.cpp build" in line]
+    steps = [line for line in lines if " step " in line and "%)" in line]
+    assert steps, deployed.output[-3000:]
+
+
+def test_status_of_a_healthy_fleet(fleet: Fleet, deployed: PyinfraRun) -> None:
+    table = status()
+    assert table.returncode == 0, table.stdout + table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:4] == ["host", "instance", "unit", "health"]
+    for name in fleet.hosts:
+        (row,) = [line.split() for line in lines if line.startswith(name)]
+        assert row[1:5] == ["gemma3", "active", "200", MODEL_ID], row
+        assert row[7] == "pass", row
+
+    result = status("--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["instances"]
+    assert {row["host"] for row in rows} == set(fleet.hosts)
+    for row in rows:
+        assert row["ok"] and row["smoke"] == "pass" and row["health"] == 200
+        assert row["tokens_per_second"] > 0
+        assert row["model_path"].endswith(".gguf")
+        assert row["build"].endswith(f"-{fleet.mirror_commit[:7]}")
+        # the report of the deploy's smoke check, not older than this test session
+        assert 0 <= row["smoke_age_seconds"] < 3 * 3600
+
+
+def test_status_of_a_stopped_instance_and_an_unreachable_host(
+    fleet: Fleet, deployed: PyinfraRun
+) -> None:
+    first, second = sorted(fleet.hosts)
+    fleet.ssh(first, f"systemctl stop {UNIT}")
+    fleet.stop_host(second)
+    try:
+        table = status()
+        result = status("--json", "--limit", f"{first},{second}")
+    finally:
+        fleet.start_host(second)
+        fleet.ssh(first, f"systemctl start {UNIT}")
+    assert table.returncode == 1, table.stdout + table.stderr
+    (stopped,) = [line.split() for line in table.stdout.splitlines() if line.startswith(first)]
+    assert stopped[1:4] == ["gemma3", "inactive", "down"], stopped
+    (gone,) = [line for line in table.stdout.splitlines() if line.startswith(second)]
+    assert "unreachable" in gone, table.stdout
+
+    rows = {row["host"]: row for row in json.loads(result.stdout)["instances"]}
+    assert rows[first]["active"] == "inactive" and rows[first]["health"] is None
+    assert not rows[first]["ok"]
+    assert rows[second]["reachable"] is False and "unreachable" in rows[second]["error"]
+
+    # both come back by themselves (the unit is enabled), for the tests after this one
+    deadline = time.monotonic() + 300
+    for name in (first, second):
+        while http_ok(fleet, name) is False:
+            assert time.monotonic() < deadline, f"{name} did not come back"
+            time.sleep(2)
+
+
+def http_ok(fleet: Fleet, name: str) -> bool:
+    try:
+        return http(fleet, name, "/health").status_code == 200
+    except OSError:
+        return False
