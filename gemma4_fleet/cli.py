@@ -123,6 +123,35 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prometheus_config(args: argparse.Namespace) -> int:
+    """Print a Prometheus configuration scraping every instance and node_exporter."""
+    from gemma4_fleet import monitoring
+
+    _, inventory = _load_inventory(args.inventory)
+    hosts = _limit(inventory, args.limit)
+    if not hosts:
+        raise ConfigError(f"inventory {args.inventory}: no hosts")
+    scrape: list[monitoring.ScrapeHost] = []
+    errors: list[str] = []
+    for host in hosts:
+        try:
+            config = parse_host_config(host.name, host_data_of(host.data.get))
+        except ConfigError as exc:
+            errors += str(exc).splitlines()
+            continue
+        address = host.data.get("ssh_hostname") or host.name
+        scrape.append(monitoring.ScrapeHost(host.name, str(address), config))
+    if errors:
+        raise ConfigError("\n".join(errors))
+    config, warnings = monitoring.scrape_config(
+        scrape, node_exporter_port=args.node_exporter_port, rule_files=args.rules
+    )
+    for warning in warnings:
+        print(f"gemma4-fleet: warning: {warning}", file=sys.stderr)
+    print(monitoring.render(config, monitoring.HEADER), end="")
+    return 0
+
+
 def _fleet(args: argparse.Namespace) -> int:
     # The local test fleet: only this command loads it (the package never needs it).
     from gemma4_fleet.testfleet.hosts import Fleet, FleetError
@@ -213,6 +242,26 @@ def main(argv: list[str] | None = None) -> int:
         "gpu_memory_mib in host data still wins)",
     )
     plan.set_defaults(func=_plan)
+    prom = sub.add_parser(
+        "prometheus-config",
+        help="print a Prometheus scrape configuration for an inventory; touches no host",
+        description="Print prometheus.yml scraping every instance's llama-server /metrics "
+        "(instances bound to a non-loopback address) and every host's node_exporter (the smoke "
+        "check's textfile metrics), labelled host and instance_name for the shipped alerts.",
+    )
+    prom.add_argument("inventory", help="pyinfra inventory (file, host list or module)")
+    prom.add_argument(
+        "--limit", action="append", default=[], metavar="NAME", help="only these hosts or groups"
+    )
+    prom.add_argument("--node-exporter-port", type=int, default=9100, metavar="PORT")
+    prom.add_argument(
+        "--rules",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="add to rule_files (e.g. monitoring/alerts.yml); repeatable",
+    )
+    prom.set_defaults(func=_prometheus_config)
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
