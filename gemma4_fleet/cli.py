@@ -135,12 +135,12 @@ def _prometheus_config(args: argparse.Namespace) -> int:
     errors: list[str] = []
     for host in hosts:
         try:
-            config = parse_host_config(host.name, host_data_of(host.data.get))
+            host_config = parse_host_config(host.name, host_data_of(host.data.get))
         except ConfigError as exc:
             errors += str(exc).splitlines()
             continue
         address = host.data.get("ssh_hostname") or host.name
-        scrape.append(monitoring.ScrapeHost(host.name, str(address), config))
+        scrape.append(monitoring.ScrapeHost(host.name, str(address), host_config))
     if errors:
         raise ConfigError("\n".join(errors))
     config, warnings = monitoring.scrape_config(
