@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gemma4_fleet import dashboard
+from gemma4_fleet import dashboard, smoke_check
 from gemma4_fleet.config import parse_host_config
 from gemma4_fleet.monitoring import LLAMA_JOB, NODE_JOB, ScrapeHost, render, scrape_config
 from tests.unit.test_config import host_data
@@ -33,22 +33,24 @@ def promtool() -> str:
     return found
 
 
+def readme_table() -> list[str]:
+    """Rows of the README's one table of metric and alert names."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = lines.index("| Metric or alert | Source | Meaning |") + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    return rows
+
+
 def readme_metrics() -> set[str]:
-    """Metric names of the README's metrics-and-alerts table (first column, backticked)."""
-    names = set()
-    for line in (ROOT / "README.md").read_text().splitlines():
-        match = re.match(r"^\| `([a-z_:0-9]+)`", line)
-        if match:
-            names.add(match.group(1))
-    return names
+    return {m.group(1) for row in readme_table() if (m := re.match(r"^\| `([a-z_:0-9]+)`", row))}
 
 
 def readme_alerts() -> set[str]:
-    return {
-        m.group(1)
-        for line in (ROOT / "README.md").read_text().splitlines()
-        if (m := re.match(r"^\| alert `([A-Za-z0-9]+)`", line))
-    }
+    return {m.group(1) for row in readme_table() if (m := re.match(r"^\| alert `(\w+)`", row))}
 
 
 def rules() -> list[dict[str, Any]]:
@@ -223,3 +225,10 @@ def test_prometheus_config_command(tmp_path: Path) -> None:
     done = cli()
     assert done.returncode == 1
     assert "host box3: llama_instances[c]" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_readme_table_lists_the_smoke_checks_metrics() -> None:
+    assert smoke_check.__doc__ is not None
+    in_docstring = set(re.findall(r"^\| `(gemma4_smoke_\w+)`", smoke_check.__doc__, re.M))
+    documented = {name for name in readme_metrics() if name.startswith("gemma4_smoke_")}
+    assert in_docstring == documented
