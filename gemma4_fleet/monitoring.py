@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from gemma4_fleet.command_line import SMOKE_STATE_DIR
 from gemma4_fleet.config import HostConfig
+from gemma4_fleet.render import SMOKE_STATE_DIR
 
 LLAMA_JOB = "gemma4-llama-server"
 NODE_JOB = "gemma4-node"

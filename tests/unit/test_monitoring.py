@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
-from gemma4_fleet import dashboard, smoke_check
+from gemma4_fleet import dashboard
 from gemma4_fleet.config import parse_host_config
+from gemma4_fleet.host_scripts import smoke_check
 from gemma4_fleet.monitoring import LLAMA_JOB, NODE_JOB, ScrapeHost, render, scrape_config
 from tests.unit.test_config import host_data
 
