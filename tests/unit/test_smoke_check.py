@@ -9,9 +9,11 @@ llama-server build of llama.cpp 0c1e570 with Gemma 3 270M Q4_K_M as target and d
 * q4_draft_kv/: same, with the drafter's KV cache in q4_0 (``-ctkd q4_0 -ctvd q4_0``)
   so that some drafts are rejected; /metrics "before" is a fresh server (no
   per-position series yet).
-* chat_*.json: /v1/chat/completions replies of the same server to the smoke check's chat
-  request: with the GGUF's missing template (llama-server's ChatML fallback) and with
-  llama.cpp's built-in ``gemma`` template (``--no-jinja --chat-template gemma``).
+* chat_*.json: NOT recorded yet - constructed in the shape llama-server 0c1e570 gives a
+  /v1/chat/completions reply (tools/server/server-task.cpp, to_json_oaicompat_chat; id
+  ``chatcmpl-CONSTRUCTEDnotRECORDED``): a well-formed answer, and one with the ChatML markup
+  issue 17 reports for the demo GGUF (no tokenizer.chat_template). Replace them with
+  recordings of the demo server (built-in ``gemma`` template / ChatML fallback).
 * nvidia_smi_h100_*.txt: nvidia-smi output recorded on an H100 with and without a
   CUDA context (a 1 GiB allocation, pid 405).
 """
