@@ -125,10 +125,10 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _prometheus_config(args: argparse.Namespace) -> int:
     """Print a Prometheus configuration scraping every instance and node_exporter."""
+    _, inventory = _load_inventory(args.inventory)  # first: pyinfra_cli patches the stdlib
     from gemma4_fleet import monitoring
 
-    _, inventory = _load_inventory(args.inventory)
-    hosts = _limit(inventory, args.limit)
+    hosts = _limited_hosts(inventory, args.limit)
     if not hosts:
         raise ConfigError(f"inventory {args.inventory}: no hosts")
     scrape: list[monitoring.ScrapeHost] = []
