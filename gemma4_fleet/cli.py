@@ -127,6 +127,7 @@ def _prometheus_config(args: argparse.Namespace) -> int:
     """Print a Prometheus configuration scraping every instance and node_exporter."""
     _, inventory = _load_inventory(args.inventory)  # first: pyinfra_cli patches the stdlib
     from gemma4_fleet import monitoring
+    from gemma4_fleet.pipeline import FleetConfigError
 
     hosts = _limited_hosts(inventory, args.limit)
     if not hosts:
@@ -142,7 +143,7 @@ def _prometheus_config(args: argparse.Namespace) -> int:
         address = host.data.get("ssh_hostname") or host.name
         scrape.append(monitoring.ScrapeHost(host.name, str(address), host_config))
     if errors:
-        raise ConfigError("\n".join(errors))
+        raise FleetConfigError(errors)
     config, warnings = monitoring.scrape_config(
         scrape, node_exporter_port=args.node_exporter_port, rule_files=args.rules
     )
