@@ -12,7 +12,7 @@ from fnmatch import fnmatch
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from gemma4_fleet.config import ConfigError, HostConfig
+from gemma4_fleet.config import ConfigError, HostConfig, host_data_of, parse_host_config
 
 if TYPE_CHECKING:
     from gemma4_fleet.facts import Gpu
@@ -184,6 +184,32 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if all(row.ok for row in rows) else 1
 
 
+def _prometheus_config(args: argparse.Namespace) -> int:
+    """Print a Prometheus configuration scraping every instance and node_exporter."""
+    _, inventory = _load_inventory(args.inventory)  # first: pyinfra_cli patches the stdlib
+    from gemma4_fleet import monitoring
+    from gemma4_fleet.pipeline import FleetConfigError, host_configs
+
+    hosts = _limited_hosts(inventory, args.limit)
+    if not hosts:
+        raise ConfigError(f"inventory {args.inventory}: no hosts")
+    configs, errors, _ = host_configs(hosts)
+    if errors:
+        raise FleetConfigError(errors)
+    scrape = [
+        monitoring.ScrapeHost(h.name, str(h.data.get("ssh_hostname") or h.name), configs[h.name])
+        for h in hosts
+        if h.name in configs
+    ]
+    config, warnings = monitoring.scrape_config(
+        scrape, node_exporter_port=args.node_exporter_port, rule_files=args.rules
+    )
+    for warning in warnings:
+        print(f"gemma4-fleet: warning: {warning}", file=sys.stderr)
+    print(monitoring.render(config, monitoring.HEADER), end="")
+    return 0
+
+
 def _fleet(args: argparse.Namespace) -> int:
     # The local test fleet: only this command loads it (the package never needs it).
     from gemma4_fleet.testfleet.hosts import Fleet, FleetError
@@ -296,6 +322,26 @@ def main(argv: list[str] | None = None) -> int:
     _inventory_arguments(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=_status)
+    prom = sub.add_parser(
+        "prometheus-config",
+        help="print a Prometheus scrape configuration for an inventory; touches no host",
+        description="Print prometheus.yml scraping every instance's llama-server /metrics "
+        "(instances bound to a non-loopback address) and every host's node_exporter (the smoke "
+        "check's textfile metrics), labelled host and instance_name for the shipped alerts.",
+    )
+    prom.add_argument("inventory", help="pyinfra inventory (file, host list or module)")
+    prom.add_argument(
+        "--limit", action="append", default=[], metavar="NAME", help="only these hosts or groups"
+    )
+    prom.add_argument("--node-exporter-port", type=int, default=9100, metavar="PORT")
+    prom.add_argument(
+        "--rules",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="add to rule_files (e.g. monitoring/alerts.yml); repeatable",
+    )
+    prom.set_defaults(func=_prometheus_config)
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)

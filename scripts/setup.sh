@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(debootstrap systemd systemd-container openssh-client iproute2 git python3 python3-venv
-          xz-utils curl ca-certificates)
+          xz-utils curl ca-certificates
+          prometheus chromium)  # promtool and Prometheus for the monitoring tests; screenshots
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

@@ -13,8 +13,9 @@ from typing import Any
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
+from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.server import Groups
-from pyinfra.operations import files, server, systemd
+from pyinfra.operations import apt, files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from gemma4_fleet import operations as g4f
@@ -37,6 +38,8 @@ from gemma4_fleet.render import (
     systemd_escape,
 )
 
+# What the smoke check imports besides the standard library (it writes its metrics with it).
+SMOKE_PACKAGES = ["python3-prometheus-client"]
 HEALTH_TIMEOUT_S = 900  # the drafter adds load time; a 12B pair from cold disk takes minutes
 RENDER: dict[str, Any] = {
     "jinja_env_kwargs": {"trim_blocks": True, "lstrip_blocks": True},
@@ -50,7 +53,13 @@ def template_path(name: str) -> str:
 
 
 def service_basics(config: HostConfig) -> list[OperationMeta]:
-    """The service user and the host scripts (smoke check, verify, prune) the units rely on."""
+    """The service user, the host scripts (smoke check, verify, prune) and the smoke check's
+    library the units rely on (no apt update when it is there: hosts may be offline)."""
+    missing = [name for name in SMOKE_PACKAGES if name not in host.get_fact(DebPackages)]
+    if missing:
+        apt.packages(
+            name=f"Install {' '.join(missing)}", packages=missing, update=True, no_recommends=True
+        )
     server.group(name="Service group", group=config.service_user, system=True)
     server.user(
         name="Service user",

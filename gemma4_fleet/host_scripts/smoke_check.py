@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Smoke check for one llama-server instance (llama.cpp 0c1e570), standard library only.
+"""Smoke check for one llama-server instance (llama.cpp 0c1e570).
 
 This file is copied as-is to the hosts and run there with the host's `python3`
 (Debian bookworm, Python 3.11, nothing pip-installed) after every deploy and from a
-systemd timer (oneshot). It imports nothing outside the standard library; the unit
-tests import the same file.
+systemd timer (oneshot). It imports the standard library and `prometheus_client`
+(Debian's python3-prometheus-client, which the deploy installs); the unit tests import
+the same file.
 
 Checks, in order:
 
@@ -27,6 +28,11 @@ Checks, in order:
    `(predicted_n - 1) / predicted_ms`, the first token comes from the prompt batch),
    `draft_n`, `draft_n_accepted`. tok/s = median over the prompts; acceptance =
    sum(draft_n_accepted) / sum(draft_n), None when no drafts were made.
+   Before the prompts, one short `POST /v1/chat/completions` (the path users call,
+   temperature 0, `max_tokens` 48): the reply must have `choices[0].message.content`, not
+   empty, without chat-template markup such as `<|im_end|>` (what a GGUF without
+   `tokenizer.chat_template` gets from llama-server's ChatML fallback). A reply that is all
+   `reasoning_content` when `max_tokens` ran out is noted, not failed.
 6. `--min-tps` / `--min-acceptance`: each failed check adds a reason; any reason makes
    the status `fail`.
 
@@ -45,7 +51,8 @@ mean number of accepted draft tokens per step. It is left out when `/metrics` is
 (no `--metrics`), when no drafts were made, or when the draft-token counter moved by a
 different amount than the run's own `draft_n` (concurrent requests, or a restart).
 
-Prometheus textfile (`--prom`) metrics, all gauges; every series has the label
+Prometheus textfile (`--prom`) metrics, written with prometheus_client's
+`write_to_textfile` (atomic rename), all gauges; every series has the label
 `instance_name` (`instance` is reserved by Prometheus). A series is left out when its
 value was not measured.
 
@@ -60,6 +67,9 @@ value was not measured.
 | `gemma4_smoke_skipped` | 1 if the status is `skipped` (slot busy with a user) |
 | `gemma4_smoke_gpu_resident` | 1 if the server PID holds >= the minimum GPU memory |
 | | (only with `--gpu`) |
+| `gemma4_smoke_chat_ok` | 1 if the `/v1/chat/completions` reply was well-formed |
+| `gemma4_smoke_min_tokens_per_second` | `--min-tps`, when given |
+| `gemma4_smoke_min_acceptance_ratio` | `--min-acceptance`, when given |
 | `gemma4_smoke_build_info` | Always 1; labels `build` (`/props` `build_info`, e.g. |
 | | `b1-0c1e570`) and `commit` |
 | `gemma4_smoke_duration_seconds` | Wall time of the smoke check, seconds |
@@ -74,7 +84,6 @@ import argparse
 import contextlib
 import http.client
 import json
-import math
 import os
 import re
 import shutil
@@ -89,6 +98,11 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+try:
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest, write_to_textfile
+except ImportError:  # pragma: no cover - exercised on a host without the package
+    sys.exit("smoke_check.py: needs prometheus_client (apt-get install python3-prometheus-client)")
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -119,6 +133,21 @@ PROMPTS: tuple[tuple[str, str], ...] = (
 )
 
 BUSY_UNKNOWN = "busy state unknown (/slots and /metrics unavailable)"
+
+# One short chat request on the path users call. Markup of a chat template in the reply's
+# content means the server applied a template the model does not know (llama-server falls
+# back to ChatML when the GGUF has no tokenizer.chat_template).
+CHAT_PROMPT = "What colour is the sky on a clear day? Answer in one short sentence."
+CHAT_MAX_TOKENS = 48
+TEMPLATE_MARKUP = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<|eot_id|>",
+    "<|start_header_id|>",
+)
 
 NVIDIA_SMI_ARGS = (
     "--query-compute-apps=pid,used_memory",
@@ -161,6 +190,17 @@ class GpuResidency:
 
 
 @dataclass(frozen=True)
+class ChatResult:
+    """The ``/v1/chat/completions`` check: ``reason`` says why it failed, None when ok."""
+
+    ok: bool
+    content: str | None = None
+    finish_reason: str | None = None
+    reason: str | None = None
+    note: str | None = None
+
+
+@dataclass(frozen=True)
 class SpecCounters:
     """llama-server speculative-decoding counters from one ``/metrics`` scrape."""
 
@@ -185,6 +225,9 @@ class Report:
     model_ok: bool | None = None
     total_slots: int | None = None
     gpu: GpuResidency | None = None
+    chat: ChatResult | None = None
+    min_tps: float | None = None
+    min_acceptance: float | None = None
     n_predict: int = DEFAULT_N_PREDICT
     prompts: list[PromptResult] = field(default_factory=list)
     tokens_per_second: float | None = None
@@ -379,6 +422,43 @@ def prompt_result_from_completion(name: str, body: Mapping[str, Any]) -> PromptR
     )
 
 
+def check_chat_reply(code: int, body: Any) -> ChatResult:
+    """Judge a ``/v1/chat/completions`` reply: well-formed, not empty, no template markup."""
+    if code != 200:
+        return ChatResult(False, reason=_error_message(code, body))
+    if not isinstance(body, Mapping):
+        return ChatResult(False, reason="reply is not a JSON object")
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
+        return ChatResult(False, reason="no choices in the reply")
+    finish = choices[0].get("finish_reason")
+    finish = finish if isinstance(finish, str) else None
+    message = choices[0].get("message")
+    if not isinstance(message, Mapping):
+        return ChatResult(False, None, finish, "choices[0].message is missing")
+    content = message.get("content")
+    if not isinstance(content, str):
+        return ChatResult(False, None, finish, "choices[0].message.content is missing")
+    shown = content[:200]
+    for marker in TEMPLATE_MARKUP:
+        if marker in content:
+            return ChatResult(
+                False,
+                shown,
+                finish,
+                f"content holds chat-template markup {marker!r}: the chat template does not fit "
+                "the model (a GGUF without tokenizer.chat_template gets llama-server's ChatML "
+                f"fallback); set a chat template for this instance. Content: {shown!r}",
+            )
+    if not content.strip():
+        reasoning = message.get("reasoning_content")
+        if finish == "length" and isinstance(reasoning, str) and reasoning.strip():
+            note = f"chat: the reply was all reasoning within max_tokens {CHAT_MAX_TOKENS}"
+            return ChatResult(True, shown, finish, note=note)
+        return ChatResult(False, shown, finish, f"empty content (finish_reason {finish!r})")
+    return ChatResult(True, shown, finish)
+
+
 def median_tps(results: Iterable[PromptResult]) -> float | None:
     """Median ``predicted_per_second`` over the successful prompts."""
     values = [
@@ -449,6 +529,9 @@ def report_to_dict(report: Report) -> dict[str, Any]:
         "model_ok": report.model_ok,
         "total_slots": report.total_slots,
         "gpu": asdict(report.gpu) if report.gpu else None,
+        "chat": asdict(report.chat) if report.chat else None,
+        "min_tps": report.min_tps,
+        "min_acceptance": report.min_acceptance,
         "n_predict": report.n_predict,
         "tokens_per_second": {
             "median": report.tokens_per_second,
@@ -467,6 +550,7 @@ def report_from_dict(data: Mapping[str, Any]) -> Report:
     """The report back from its JSON view (what ``report_to_dict`` wrote)."""
     health = data.get("health")
     gpu = data.get("gpu")
+    chat = data.get("chat")
     tps = data.get("tokens_per_second") or {}
     return Report(
         instance=data["instance"],
@@ -482,6 +566,9 @@ def report_from_dict(data: Mapping[str, Any]) -> Report:
         model_ok=data.get("model_ok"),
         total_slots=data.get("total_slots"),
         gpu=GpuResidency(**gpu) if gpu else None,
+        chat=ChatResult(**chat) if chat else None,
+        min_tps=data.get("min_tps"),
+        min_acceptance=data.get("min_acceptance"),
         n_predict=data.get("n_predict", DEFAULT_N_PREDICT),
         prompts=[PromptResult(**p) for p in data.get("prompts") or []],
         tokens_per_second=tps.get("median"),
@@ -499,37 +586,17 @@ def load_report(path: str) -> Report:
         return report_from_dict(json.load(fh))
 
 
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _escape_help(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _fmt_value(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
-
-
-def render_prometheus(report: Report) -> str:
-    """Prometheus text exposition (textfile collector) for ``report``."""
-    base = {"instance_name": report.instance}
-    lines: list[str] = []
+def prometheus_registry(report: Report) -> CollectorRegistry:
+    """The report's metrics; a family is left out when its value was not measured."""
+    registry = CollectorRegistry()
 
     def family(name: str, help_text: str, samples: list[tuple[dict[str, str], float]]) -> None:
         if not samples:
             return
-        full = METRIC_PREFIX + name
-        lines.append(f"# HELP {full} {_escape_help(help_text)}")
-        lines.append(f"# TYPE {full} gauge")
-        for extra, value in samples:
-            labels = {**base, **extra}
-            body = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items())
-            lines.append(f"{full}{{{body}}} {_fmt_value(value)}")
+        extra = sorted(samples[0][0])
+        gauge = Gauge(METRIC_PREFIX + name, help_text, ["instance_name", *extra], registry=registry)
+        for labels, value in samples:
+            gauge.labels(instance_name=report.instance, **labels).set(value)
 
     def one(value: float | None) -> list[tuple[dict[str, str], float]]:
         return [] if value is None else [({}, value)]
@@ -564,6 +631,22 @@ def render_prometheus(report: Report) -> str:
             "1 if the server process holds at least the minimum GPU memory.",
             one(float(report.gpu.ok)),
         )
+    if report.chat is not None:
+        family(
+            "chat_ok",
+            "1 if the /v1/chat/completions reply was well-formed (content, no template markup).",
+            one(float(report.chat.ok)),
+        )
+    family(
+        "min_tokens_per_second",
+        "The smoke check's minimum tokens/s (--min-tps).",
+        one(report.min_tps),
+    )
+    family(
+        "min_acceptance_ratio",
+        "The smoke check's minimum draft acceptance (--min-acceptance).",
+        one(report.min_acceptance),
+    )
     if report.build_info is not None:
         _, commit = parse_build_info(report.build_info)
         family(
@@ -579,7 +662,12 @@ def render_prometheus(report: Report) -> str:
         "Unix time at which the smoke check finished.",
         one(report.finished_at),
     )
-    return "\n".join(lines) + "\n"
+    return registry
+
+
+def render_prometheus(report: Report) -> str:
+    """The text exposition of :func:`prometheus_registry` (what the textfile holds)."""
+    return generate_latest(prometheus_registry(report)).decode()
 
 
 def summary_line(report: Report) -> str:
@@ -798,6 +886,21 @@ def fetch_spec_counters(client: HttpClient) -> SpecCounters | None:
     return spec_counters(parse_metrics_text(raw.decode("utf-8", "replace")))
 
 
+def run_chat(client: HttpClient, timeout: float) -> ChatResult:
+    """One short ``/v1/chat/completions`` request, judged by :func:`check_chat_reply`."""
+    body = {
+        "messages": [{"role": "user", "content": CHAT_PROMPT}],
+        "max_tokens": CHAT_MAX_TOKENS,
+        "temperature": 0,
+        "stream": False,
+    }
+    try:
+        code, reply = client.post_json("/v1/chat/completions", body, timeout=timeout)
+    except NETWORK_ERRORS as e:
+        return ChatResult(False, reason=_network_error(e))
+    return check_chat_reply(code, reply)
+
+
 def run_prompt(
     client: HttpClient, name: str, text: str, n_predict: int, timeout: float
 ) -> PromptResult:
@@ -859,6 +962,8 @@ def run_smoke(cfg: Config, client: HttpClient | None = None) -> Report:
         expect_commit=cfg.expect_commit,
         expect_model=cfg.expect_model,
         n_predict=cfg.n_predict,
+        min_tps=cfg.min_tps,
+        min_acceptance=cfg.min_acceptance,
     )
     failures: list[str] = []
     busy = False
@@ -903,8 +1008,16 @@ def run_smoke(cfg: Config, client: HttpClient | None = None) -> Report:
         if not report.gpu.ok and report.gpu.reason:
             failures.append(report.gpu.reason)
 
-    # 4 + 5. busy check before every prompt, then throughput
-    if report.health.ok:
+    # 4 + 5. busy check before every request, the chat check, then throughput
+    if report.health.ok and wait_until_idle(client, cfg.busy_wait, cfg.poll) is False:
+        busy = True
+    elif report.health.ok:
+        report.chat = run_chat(client, cfg.request_timeout)
+        if report.chat.reason:
+            failures.append(f"chat: {report.chat.reason}")
+        if report.chat.note:
+            report.notes.append(report.chat.note)
+    if report.health.ok and not busy:
         before = fetch_spec_counters(client)
         for name, text in PROMPTS:
             idle = wait_until_idle(client, cfg.busy_wait, cfg.poll)
@@ -1062,7 +1175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(summary_line(report), flush=True)
     try:
         write_atomic(ns.json_path, json.dumps(report_to_dict(report), indent=2) + "\n")
-        write_atomic(ns.prom_path, render_prometheus(report))
+        write_to_textfile(ns.prom_path, prometheus_registry(report))
+        os.chmod(ns.prom_path, 0o644)  # node_exporter, another user, reads it whatever the umask
     except OSError as e:
         print(f"{parser.prog}: error: cannot write report: {e}", file=sys.stderr)
         return EXIT_FAIL

@@ -35,6 +35,10 @@ PACKAGES = (
     "ninja-build",
     "curl",
     "procps",
+    # The smoke check writes its metrics with prometheus_client (the deploy installs it on real
+    # hosts); node_exporter serves them to Prometheus in the monitoring fleet test.
+    "python3-prometheus-client",
+    "prometheus-node-exporter",
 )
 # Bump when the customisation in _customise changes: it is part of the cache key.
 RECIPE_VERSION = "2"

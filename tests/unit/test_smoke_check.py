@@ -1,4 +1,4 @@
-"""Unit tests for gemma4_fleet/host_scripts/smoke_check.py (the stdlib-only smoke check).
+"""Unit tests for gemma4_fleet/host_scripts/smoke_check.py (standard library + prometheus_client).
 
 Fixtures under data/smoke/ are trimmed copies of real responses recorded from the CPU
 llama-server build of llama.cpp 0c1e570 with Gemma 3 270M Q4_K_M as target and draft
@@ -9,6 +9,11 @@ llama-server build of llama.cpp 0c1e570 with Gemma 3 270M Q4_K_M as target and d
 * q4_draft_kv/: same, with the drafter's KV cache in q4_0 (``-ctkd q4_0 -ctvd q4_0``)
   so that some drafts are rejected; /metrics "before" is a fresh server (no
   per-position series yet).
+* chat_*.json: NOT recorded yet - constructed in the shape llama-server 0c1e570 gives a
+  /v1/chat/completions reply (tools/server/server-task.cpp, to_json_oaicompat_chat; id
+  ``chatcmpl-CONSTRUCTEDnotRECORDED``): a well-formed answer, and one with the ChatML markup
+  issue 17 reports for the demo GGUF (no tokenizer.chat_template). Replace them with
+  recordings of the demo server (built-in ``gemma`` template / ChatML fallback).
 * nvidia_smi_h100_*.txt: nvidia-smi output recorded on an H100 with and without a
   CUDA context (a 1 GiB allocation, pid 405).
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import os
 import shutil
 import socket
 import stat
@@ -62,7 +68,7 @@ def counters(run: str, which: str) -> sc.SpecCounters:
 # ------------------------------------------------------------------ the file itself
 
 
-def test_module_imports_only_stdlib() -> None:
+def test_module_imports_only_stdlib_and_prometheus_client() -> None:
     tree = ast.parse(Path(sc.__file__).read_text())
     roots: set[str] = set()
     for node in ast.walk(tree):
@@ -71,12 +77,15 @@ def test_module_imports_only_stdlib() -> None:
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0, "no relative imports"
             roots.add((node.module or "").split(".")[0])
-    assert roots - {"__future__"} <= set(sys.stdlib_module_names)
+    assert roots - {"__future__", "prometheus_client"} <= set(sys.stdlib_module_names)
+    assert "prometheus_client" in roots
 
 
 def test_docstring_lists_every_rendered_metric() -> None:
     report = full_report()
     report.gpu = sc.GpuResidency(True, 405, 1542, 256)
+    report.chat = sc.ChatResult(True, "The sky is blue.", "stop")
+    report.min_tps, report.min_acceptance = 20.0, 0.5
     names = {f.name for f in text_string_to_metric_families(sc.render_prometheus(report))}
     assert sc.__doc__ is not None
     for name in names:
@@ -395,6 +404,59 @@ def test_fleet_table_reads_the_typed_report(tmp_path: Path) -> None:
     assert table_row("h", down)[2:] == ("-", "-", "down", "-", "-", "fail")
 
 
+def test_chat_reply_with_a_fitting_template_passes() -> None:
+    chat = sc.check_chat_reply(200, load_json("chat_gemma_template.json"))
+    assert chat.ok and chat.reason is None
+    assert chat.content and "blue" in chat.content.lower()
+
+
+def test_chat_reply_with_chatml_markup_fails_naming_the_marker() -> None:
+    chat = sc.check_chat_reply(200, load_json("chat_chatml_fallback.json"))
+    assert not chat.ok
+    assert chat.reason is not None
+    assert chat.reason.startswith("content holds chat-template markup '<|im_")
+    assert "GGUF without tokenizer.chat_template" in chat.reason
+
+
+@pytest.mark.parametrize(
+    ("code", "body", "reason"),
+    [
+        (500, {"error": {"message": "boom"}}, "HTTP 500: boom"),
+        (200, ["not", "an", "object"], "reply is not a JSON object"),
+        (200, {"choices": []}, "no choices in the reply"),
+        (200, {"choices": [{"finish_reason": "stop"}]}, "choices[0].message is missing"),
+        (
+            200,
+            {"choices": [{"message": {"role": "assistant", "content": None}}]},
+            "choices[0].message.content is missing",
+        ),
+        (
+            200,
+            {"choices": [{"message": {"content": " \n"}, "finish_reason": "stop"}]},
+            "empty content (finish_reason 'stop')",
+        ),
+    ],
+)
+def test_chat_reply_malformed(code: int, body: Any, reason: str) -> None:
+    recorded = load_json("chat_gemma_template.json")
+    if isinstance(body, dict) and body.get("choices"):  # a real reply with one field broken
+        body = {**recorded, "choices": body["choices"]}
+    chat = sc.check_chat_reply(code, body)
+    assert (chat.ok, chat.reason) == (False, reason)
+
+
+def test_chat_reply_all_reasoning_at_max_tokens_is_a_note() -> None:
+    reply = load_json("chat_gemma_template.json")
+    choice = {
+        **reply["choices"][0],
+        "finish_reason": "length",
+        "message": {"role": "assistant", "content": "", "reasoning_content": "The user asks"},
+    }
+    chat = sc.check_chat_reply(200, {**reply, "choices": [choice]})
+    assert chat.ok and chat.reason is None
+    assert chat.note == "chat: the reply was all reasoning within max_tokens 48"
+
+
 def test_write_atomic(tmp_path: Path) -> None:
     target = tmp_path / "smoke.prom"
     target.write_text("old")
@@ -420,6 +482,7 @@ class Replay:
             (DATA / "q4_draft_kv/metrics_after.txt").read_text(),
         ]
         self.completions = [load_json(f"q4_draft_kv/completion_{n}.json") for n in PROMPT_NAMES]
+        self.chat = load_json("chat_gemma_template.json")
         self.requests: list[tuple[str, str, dict[str, Any] | None]] = []
         # what failed inside the server thread; the fixture raises it in the test
         self.errors: list[BaseException] = []
@@ -462,6 +525,8 @@ def make_handler(replay: Replay) -> type[BaseHTTPRequestHandler]:
                 return self.send(200, {"prompt": body["messages"][0]["content"]})
             if self.path == "/completion":
                 return self.send(200, replay.completions.pop(0))
+            if self.path == "/v1/chat/completions":
+                return self.send(200, replay.chat)
             return self.send(404, {"error": {"message": "File Not Found"}})
 
         def recorded(self, body: dict[str, Any] | None) -> None:
@@ -522,6 +587,11 @@ def test_run_smoke_pass_on_replayed_run(replay: tuple[Replay, str]) -> None:
     assert report.acceptance == pytest.approx(301 / 318)
     assert report.acceptance_by_position == pytest.approx([0.975, 0.9625, 0.925, 0.9])
     assert report.build_info == "b1-0c1e570" and report.commit_ok and report.model_ok
+    assert report.chat is not None and report.chat.ok
+    chats = [b for _, p, b in state.requests if p == "/v1/chat/completions"]
+    assert len(chats) == 1 and chats[0] is not None
+    assert chats[0]["messages"] == [{"role": "user", "content": sc.CHAT_PROMPT}]
+    assert chats[0]["temperature"] == 0 and chats[0]["max_tokens"] == sc.CHAT_MAX_TOKENS
     completions = [b for m, p, b in state.requests if p == "/completion"]
     assert len(completions) == 3
     for body in completions:
@@ -533,13 +603,18 @@ def test_run_smoke_pass_on_replayed_run(replay: tuple[Replay, str]) -> None:
 def test_run_smoke_fail_reasons(replay: tuple[Replay, str]) -> None:
     state, url = replay
     state.model_path = "/srv/models/other.gguf"
+    state.chat = load_json("chat_chatml_fallback.json")
     report = sc.run_smoke(config(url, expect_commit="deadbee", min_tps=1000))
     assert report.status == "fail"
-    assert report.reasons == [
-        "build: 'b1-0c1e570' is not commit deadbee",
-        f"model: '/srv/models/other.gguf' != '{MODEL}'",
+    assert [reason[:40] for reason in report.reasons] == [
+        "build: 'b1-0c1e570' is not commit deadbee"[:40],
+        f"model: '/srv/models/other.gguf' != '{MODEL}'"[:40],
+        "chat: content holds chat-template markup",
         "throughput: 29.68 tok/s < minimum 1000",
     ]
+    samples = samples_of(sc.render_prometheus(report))
+    assert samples[("gemma4_smoke_chat_ok", (("instance_name", "replay"),))] == 0.0
+    assert samples[("gemma4_smoke_min_tokens_per_second", (("instance_name", "replay"),))] == 1000
 
 
 def test_run_smoke_busy_is_skipped(replay: tuple[Replay, str]) -> None:
@@ -547,7 +622,7 @@ def test_run_smoke_busy_is_skipped(replay: tuple[Replay, str]) -> None:
     state.busy = True
     report = sc.run_smoke(config(url))
     assert (report.status, report.reasons) == ("skipped", ["busy"])
-    assert not any(p == "/completion" for _, p, _ in state.requests)
+    assert not any(p in ("/completion", "/v1/chat/completions") for _, p, _ in state.requests)
 
 
 def test_run_smoke_wrong_key(replay: tuple[Replay, str]) -> None:
@@ -557,6 +632,7 @@ def test_run_smoke_wrong_key(replay: tuple[Replay, str]) -> None:
     assert report.status == "fail"
     assert report.reasons == [
         "props: HTTP 401: Invalid API Key",
+        "chat: HTTP 401: Invalid API Key",
         "completion code: HTTP 401: Invalid API Key",
     ]
 
@@ -581,13 +657,20 @@ def test_main_writes_outputs_and_exit_codes(
         "--expect-model", MODEL, "--min-tps", "5",
         "--json", str(out_json), "--prom", str(out_prom),
     ]  # fmt: skip
-    assert sc.main(argv) == sc.EXIT_OK
+    umask = os.umask(0o077)
+    try:
+        assert sc.main(argv) == sc.EXIT_OK
+    finally:
+        os.umask(umask)
     assert capsys.readouterr().out.startswith("smoke replay PASS: 29.7 tok/s median")
     assert json.loads(out_json.read_text())["status"] == "pass"
-    assert (
-        samples_of(out_prom.read_text())[("gemma4_smoke_passed", (("instance_name", "replay"),))]
-        == 1.0
-    )
+    samples = samples_of(out_prom.read_text())
+    assert samples[("gemma4_smoke_passed", (("instance_name", "replay"),))] == 1.0
+    assert samples[("gemma4_smoke_chat_ok", (("instance_name", "replay"),))] == 1.0
+    assert samples[("gemma4_smoke_min_tokens_per_second", (("instance_name", "replay"),))] == 5
+    # node_exporter (another user) reads it; write_to_textfile leaves no temporary file
+    assert stat.S_IMODE(out_prom.stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.prom"]
 
 
 @pytest.mark.parametrize(
