@@ -11,6 +11,7 @@ import jinja2
 import pytest
 
 from gemma4_fleet.gpu_devices import UVM_SCRIPT, UVM_UNIT
+from gemma4_fleet.host_scripts.smoke_check import cpu_fallback_lines
 from gemma4_fleet.render import cuda_environment
 from gemma4_fleet.testfleet.gpuhost import parse_ldconfig
 
@@ -138,3 +139,17 @@ def test_driver_libraries_are_found_in_ldconfig_output() -> None:
         "libnvidia-ml.so.1": "/lib/x86_64-linux-gnu/libnvidia-ml.so.1",
         "libcuda.so.1": "/lib/x86_64-linux-gnu/libcuda.so.1",
     }
+
+
+def test_cpu_fallback_lines_recorded_on_the_gpu_host_are_found() -> None:
+    # llama-server's journal on the 2x H200 host with /dev/nvidia-uvm removed (docs/gpu-proof.md).
+    log = (
+        "0.00.003.067 E ggml_cuda_init: failed to initialize CUDA: unknown error\n"
+        "warning: no usable GPU found, --gpu-layers option will be ignored\n"
+        "0.00.869.031 I srv  llama_server: listening on http://127.0.0.1:8081\n"
+    )
+    assert cpu_fallback_lines(log) == [
+        "0.00.003.067 E ggml_cuda_init: failed to initialize CUDA: unknown error",
+        "warning: no usable GPU found, --gpu-layers option will be ignored",
+    ]
+    assert cpu_fallback_lines("ggml_cuda_init: found 1 CUDA devices\nload_tensors: CUDA0\n") == []
