@@ -49,7 +49,7 @@ def test_two_h200s_recorded_on_the_gpu_host() -> None:
         (1, "NVIDIA H200", 143771, 90),
     ]
     assert gpus[0].uuid != gpus[1].uuid
-    assert gpus[1].uuid == "GPU-91986731-48e2-f4e9-dc10-50bca7935c7b"
+    assert gpus[1].uuid == "GPU-8bbe8b41-8bce-1225-4e9b-4270a6b6a73e"
     assert with_gpu_architectures(
         parse_host_config("h200x2", host_data()), gpus
     ).build.cuda_architectures == [90]
