@@ -169,9 +169,10 @@ class CudaToolkit(FactBase[str | None]):
     """The CUDA compiler's release (e.g. "12.4"), looked up on PATH and in /usr/local/cuda."""
 
     def command(self) -> str:
+        # (xargs -I does not replace the command name: nvcc is called through a variable.)
         return (
-            "{ command -v nvcc || ls /usr/local/cuda/bin/nvcc; } 2>/dev/null | head -n1 | "
-            "xargs -r -I{} {} --version 2>/dev/null | grep -o 'release [0-9.]*' "
+            "nvcc=$(command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null); "
+            '[ -n "$nvcc" ] && "$nvcc" --version 2>/dev/null | grep -o \'release [0-9.]*\' '
             f"|| echo {_MISSING}"
         )
 

@@ -493,6 +493,15 @@ class _Host:
             return []
         budget_mib, source = found
         headroom = self.config.vram_headroom_mib * MIB
+        named = {inst.gpu for inst in insts}
+        for svc in self._services_on(key):
+            # The same spelling is refused by the config; this catches index vs UUID.
+            if not svc.share_gpu_with_llama and svc.gpu not in named:
+                self.error(
+                    f"gpu_services[{svc.unit}].gpu",
+                    f"GPU {svc.gpu} is GPU {ref} that llama_instances[{insts[0].name}] uses; "
+                    "move the service to another GPU or set share_gpu_with_llama: true",
+                )
         services = [
             Tenant(svc.unit, svc.vram_reserve_mib * MIB)
             for svc in self._services_on(key)

@@ -23,6 +23,7 @@ from gemma4_fleet.deploys.models import models
 from gemma4_fleet.deploys.reporting import collected_reports, print_fleet_table
 from gemma4_fleet.deploys.units import instance_unit, servers, service_basics
 from gemma4_fleet.facts import Gpu, NvidiaGpus, PasswdLine
+from gemma4_fleet.gpu_devices import gpu_devices
 from gemma4_fleet.pipeline import FleetConfigError, HostSetup, host_setups
 
 __all__ = ["gemma4_mtp", "host_setup", "redeploy_unit"]
@@ -61,6 +62,7 @@ def gemma4_mtp() -> None:
     toolchain(config, setup.gpus)
     build = llama_cpp(config)
     placed = models(config)
+    gpu_devices(config)
     changed = servers(setup, changed=[build, *placed])
     gpu_services(setup)
     g4f.prune(
@@ -94,6 +96,7 @@ def redeploy_unit(name: str) -> None:
     config = setup.config
     if not name:
         raise FleetConfigError([f"host {host.name}: unit: say which, e.g. --data unit=gemma4"])
+    gpu_devices(config)
     for inst in config.instances:
         if name in (inst.name, inst.unit, inst.unit.removesuffix(".service")):
             service_basics(config)

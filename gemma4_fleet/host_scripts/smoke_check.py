@@ -149,6 +149,10 @@ TEMPLATE_MARKUP = (
     "<|start_header_id|>",
 )
 
+# What llama.cpp logs when CUDA cannot start (e.g. /dev/nvidia-uvm missing): it then serves on the
+# CPU with /health 200. Looked for in the journal of the unit's current invocation.
+CPU_FALLBACK_MARKERS = ("ggml_cuda_init: failed", "no usable GPU found")
+
 NVIDIA_SMI_ARGS = (
     "--query-compute-apps=pid,used_memory",
     "--format=csv,noheader,nounits",
@@ -295,6 +299,15 @@ def parse_nvidia_smi_apps(text: str) -> tuple[dict[int, int | None], list[str]]:
         else:
             apps[pid] = mem
     return apps, bad
+
+
+def cpu_fallback_lines(log_text: str) -> list[str]:
+    """Server log lines that say CUDA did not start (the server then runs on the CPU)."""
+    return [
+        line.strip()
+        for line in log_text.splitlines()
+        if any(marker in line for marker in CPU_FALLBACK_MARKERS)
+    ]
 
 
 def gpu_residency(smi_output: str, pid: int, min_mib: int) -> GpuResidency:
@@ -827,6 +840,29 @@ def run_nvidia_smi(timeout: float = 15.0) -> tuple[str | None, str | None]:
     return proc.stdout, None
 
 
+def unit_log(unit: str, timeout: float = 15.0) -> str:
+    """The journal of the unit's current invocation ("" when unreadable or not under systemd)."""
+    try:
+        inv = subprocess.run(
+            ["systemctl", "show", "-p", "InvocationID", "--value", unit],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        ).stdout.strip()
+        if not inv:
+            return ""
+        return subprocess.run(
+            ["journalctl", "--no-pager", "-o", "cat", f"_SYSTEMD_INVOCATION_ID={inv}"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
 def slots_all_busy(slots: Any) -> bool | None:
     """True if every slot ``is_processing`` (None if ``slots`` is not a slot list)."""
     if not isinstance(slots, list) or not slots:
@@ -942,6 +978,7 @@ class Config:
     gpu: bool = False
     pid: int | None = None
     gpu_min_mib: int = DEFAULT_GPU_MIN_MIB
+    unit: str | None = None
     api_key: str | None = None
     min_tps: float | None = None
     min_acceptance: float | None = None
@@ -1005,6 +1042,9 @@ def run_smoke(cfg: Config, client: HttpClient | None = None) -> Report:
             report.gpu = GpuResidency(False, pid, None, cfg.gpu_min_mib, err)
         else:
             report.gpu = gpu_residency(out, pid, cfg.gpu_min_mib)
+        fallback = cpu_fallback_lines(unit_log(cfg.unit)) if cfg.unit else []
+        if fallback:
+            failures.append(f"gpu: CPU fallback, the server logged: {fallback[0]}")
         if not report.gpu.ok and report.gpu.reason:
             failures.append(report.gpu.reason)
 
@@ -1152,6 +1192,7 @@ def config_from_args(ns: argparse.Namespace) -> Config:
         gpu=ns.gpu,
         pid=ns.pid,
         gpu_min_mib=ns.gpu_min_mib,
+        unit=ns.unit,
         api_key=api_key,
         min_tps=ns.min_tps,
         min_acceptance=ns.min_acceptance,

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from gemma4_fleet.gpu_devices import UVM_UNIT
 from gemma4_fleet.testfleet.hosts import Fleet
 from tests.fleet.conftest import PyinfraRun, data_arg, run_pyinfra
 from tests.fleet.test_deploy import UNIT, mtimes, unit_state
@@ -70,6 +71,31 @@ def test_audio_services_are_pinned_by_drop_in(fleet: Fleet, audio: dict[str, str
     again = run_pyinfra("deploys/gemma4_mtp.py", *data_arg("gpu_services", SERVICES))
     assert again.returncode == 0 and again.results, again.output[-3000:]
     assert again.changed() == {}, again.changed()
+
+
+def test_uvm_oneshot_runs_before_pinned_services_and_is_harmless_without_a_gpu(
+    fleet: Fleet, audio: dict[str, str]
+) -> None:
+    run = run_pyinfra("deploys/gemma4_mtp.py", *data_arg("gpu_services", SERVICES))
+    assert run.returncode == 0, run.output[-3000:]
+    for name in fleet.hosts:
+        fleet.ssh(name, "systemctl restart whisper-server.service")
+        deps = fleet.ssh(name, "systemctl show -p Requires,After whisper-server.service").stdout
+        assert deps.count(UVM_UNIT) == 2, deps
+        uvm = fleet.ssh(
+            name,
+            f"systemctl show -p Result,ExecMainStatus,ExecMainExitTimestampMonotonic {UVM_UNIT}",
+        ).stdout
+        fields = dict(line.split("=", 1) for line in uvm.splitlines())
+        assert (fields["Result"], fields["ExecMainStatus"]) == ("success", "0"), uvm
+        started = fleet.ssh(
+            name, "systemctl show -p ExecMainStartTimestampMonotonic --value whisper-server"
+        ).stdout
+        assert 0 < int(fields["ExecMainExitTimestampMonotonic"]) <= int(started)
+        log = fleet.ssh(name, f"journalctl -o cat -u {UVM_UNIT}").stdout
+        assert "nvidia-uvm: no NVIDIA driver loaded" in log, log
+        verify = fleet.ssh(name, f"systemd-analyze verify {UVM_UNIT} whisper-server.service")
+        assert verify.returncode == 0, verify.stderr
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
 # Recorded on the H100 device (docs/gpu-proof/nvidia-smi-query-gpu.csv).
 H100 = (ROOT / "docs" / "gpu-proof" / "nvidia-smi-query-gpu.csv").read_text().splitlines()
+# Recorded inside the GPU test host on the two-H200 machine (docs/gpu-proof.md, issue 16).
+H200X2 = (ROOT / "tests" / "unit" / "data" / "nvidia-smi-h200x2.csv").read_text().splitlines()
 # Seed 003's two-GPU box (a 4090 and a 3090), in the same CSV format as the recorded line.
 TWO_GPUS = [
     "0, GPU-5e1c2a7b-8f41-4c9e-9d0a-3b6f1e2d4c5a, NVIDIA GeForce RTX 4090, 24564, 12180, 8.9",
@@ -38,6 +40,19 @@ def test_two_gpus() -> None:
         (0, 89, 12180),
         (1, 86, 3021),
     ]
+
+
+def test_two_h200s_recorded_on_the_gpu_host() -> None:
+    gpus = parse_nvidia_smi(H200X2)
+    assert [(g.index, g.name, g.memory_total_mib, g.cuda_architecture) for g in gpus] == [
+        (0, "NVIDIA H200", 143771, 90),
+        (1, "NVIDIA H200", 143771, 90),
+    ]
+    assert gpus[0].uuid != gpus[1].uuid
+    assert gpus[1].uuid == "GPU-8bbe8b41-8bce-1225-4e9b-4270a6b6a73e"
+    assert with_gpu_architectures(
+        parse_host_config("h200x2", host_data()), gpus
+    ).build.cuda_architectures == [90]
 
 
 def test_no_nvidia_tools_means_no_gpus() -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from gemma4_fleet.config import ConfigError, parse_host_config
 from gemma4_fleet.deploys.units import server_unit_values, smoke_unit_values
+from gemma4_fleet.gpu_devices import UVM_UNIT
 from gemma4_fleet.render import (
     exec_start,
     flag_names,
@@ -161,9 +162,13 @@ def test_rendered_units_with_hostile_values_pass_systemd_analyze(tmp_path: Path)
     server = server_unit_values(
         config, inst, argv, f"GPU-{HOSTILE}", groups=["video"], restart_backoff=False
     )
+    uvm_script = tmp_path / "nvidia-uvm.sh"  # the GPU unit Requires= the UVM oneshot
+    uvm_script.write_text("#!/bin/sh\n")
+    uvm_script.chmod(0o755)
     units = {
         inst.unit: _render("llama-server.service.j2", server),
         inst.smoke_unit: _render("llama-smoke.service.j2", smoke_unit_values(config, inst)),
+        UVM_UNIT: _render("nvidia-uvm.service.j2", {"script": str(uvm_script)}),
     }
     assert f"ExecStart={exec_start(argv)}\n" in units[inst.unit]
     assert f"ReadOnlyPaths={systemd_escape(config.models_dir)}\n" in units[inst.unit]

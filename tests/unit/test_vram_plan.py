@@ -741,3 +741,22 @@ def test_cli_from_hosts_reads_nvidia_smi(project: Path, tmp_path: Path) -> None:
     done = _cli(project, "plan", "local.py")
     assert done.returncode == 1
     assert re.search(r"host @local: gpu_memory_mib: no VRAM budget for GPU 'GPU-1", done.stderr)
+
+
+def test_a_service_on_llamas_gpu_is_refused_by_index_and_by_uuid(pair: SyntheticPair) -> None:
+    other = Gpu(1, "GPU-99999999-2222-3333-4444-555555555555", "NVIDIA H100", 81559, 0, "9.0")
+    gpus = [H100, other]
+
+    def host(ref: str) -> HostConfig:
+        return _host(
+            _pair_models(pair),
+            [_g4(ctx_size=8192)],
+            gpu_services=[{"unit": "whisper.service", "gpu": ref}],
+        )
+
+    with pytest.raises(ConfigError) as by_index:  # the same spelling: refused by the config
+        host("0")
+    by_uuid = _plan_error(host(H100.uuid), gpus)  # the same GPU: refused by the plan
+    for error in (str(by_index.value), by_uuid):
+        assert "gpu_services[whisper.service].gpu" in error, error
+    assert _plan(host(gpus[1].uuid), gpus).fits
