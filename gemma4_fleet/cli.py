@@ -12,7 +12,7 @@ from fnmatch import fnmatch
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from gemma4_fleet.config import ConfigError, HostConfig, host_data_of, parse_host_config
+from gemma4_fleet.config import ConfigError, HostConfig
 
 if TYPE_CHECKING:
     from gemma4_fleet.facts import Gpu
