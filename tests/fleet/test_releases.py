@@ -71,23 +71,3 @@ def exposure(fleet: Fleet, name: str, unit: str) -> float:
     match = re.search(rf"Overall exposure level for {re.escape(unit)}: (\d+\.\d+)", out)
     assert match, out[-2000:]
     return float(match.group(1))
-
-
-def test_every_installed_unit_is_hardened_on_both_releases(
-    fleet: Fleet, deployed: PyinfraRun
-) -> None:
-    """Every service the tool wrote (llama-server-*, llama-smoke-*, any later one) is scored
-    by each host's own systemd; the figures go to docs/reliability.md."""
-    scores: dict[tuple[str, str], float] = {}
-    for name, host in fleet.hosts.items():
-        ours = fleet.ssh(
-            name, "grep -l '^# Managed by gemma4-fleet' /etc/systemd/system/*.service"
-        ).stdout.split()
-        units = sorted(path.rsplit("/", 1)[1] for path in ours)
-        assert {UNIT, SMOKE} <= set(units), units
-        for unit in units:
-            scores[(host.release, unit)] = exposure(fleet, name, unit)
-    print("\nrelease   exposure  unit")
-    for (release, unit), score in sorted(scores.items()):
-        print(f"{release:9} {score:8.1f}  {unit}")
-    assert {unit: s for unit, s in scores.items() if s > MAX_EXPOSURE} == {}
