@@ -19,6 +19,9 @@ def server_argv(config: HostConfig, inst: Instance, ctx_size: int | None = None)
     ctx = ctx_size if ctx_size is not None else inst.ctx_size
     if not isinstance(ctx, int):
         raise ConfigError(f"instance {inst.name}: ctx_size auto needs a VRAM plan")
+    kv = (inst.cache_type_k, inst.cache_type_v, inst.cache_type_k_draft, inst.cache_type_v_draft)
+    if "auto" in kv:
+        raise ConfigError(f"instance {inst.name}: cache type auto needs a VRAM plan (settle it)")
     argv = [config.server_binary, "--model", config.model_path(inst.target)]
     if inst.drafter is not None:
         argv += [

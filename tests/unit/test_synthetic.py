@@ -352,7 +352,7 @@ def test_cycle_pairs_share_the_target_nest_their_agreement_and_are_deterministic
 
 
 def test_cycle_pair_refuses_a_bad_agreement(fake_tokenizer: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="agreement must be within 0..1"):
+    with pytest.raises(ValueError, match=r"agreement must be within 0\.\.1"):
         write_pair(tmp_path, tokenizer_from=fake_tokenizer, agreement=1.5)
     with pytest.raises(ValueError, match="not both"):
         write_pair(tmp_path, tokenizer_from=fake_tokenizer, agreement=0.5, drafter_agrees=False)
