@@ -353,6 +353,10 @@ class ServerSettings(_Model):
     extra_args: list[str] = []
     # Seed 003: MTP at --parallel > 1 is slower than MTP off. Refused unless this says otherwise.
     allow_parallel_mtp: bool = False
+    # What the smoke check compares against (llama_smoke.regression): median tok/s and draft
+    # acceptance over its prompts, as `gemma4-fleet tune` measured them (tuned/<host>.json).
+    baseline_tps: Annotated[float, Field(gt=0)] | None = None
+    baseline_acceptance: Annotated[float, Field(ge=0, le=1)] | None = None
 
 
 class Instance(ServerSettings):
@@ -430,6 +434,8 @@ class SmokeConfig(_Model):
     enabled: bool = True
     min_tps: Annotated[float, Field(ge=0)] | None = None
     min_acceptance: Annotated[float, Field(ge=0, le=1)] | None = None
+    # A run below this fraction of the instance's tuned baseline (tok/s or acceptance) fails.
+    regression: Annotated[float, Field(gt=0, le=1)] | None = 0.8
     n_predict: Annotated[int, Field(ge=8, le=4096)] = 128
     on_calendar: Annotated[str, Field(pattern=r"^[A-Za-z0-9 :*,./~-]+$")] = "hourly"
     randomized_delay_sec: Annotated[int, Field(ge=0)] = 600

@@ -108,6 +108,15 @@ def smoke_argv(config: HostConfig, inst: Instance) -> list[str]:
         argv += ["--min-tps", f"{config.smoke.min_tps:g}"]
     if config.smoke.min_acceptance is not None:
         argv += ["--min-acceptance", f"{config.smoke.min_acceptance:g}"]
+    baselines = (
+        ("--baseline-tps", inst.baseline_tps),
+        ("--baseline-acceptance", inst.baseline_acceptance),
+    )
+    if config.smoke.regression is not None and any(v is not None for _, v in baselines):
+        for flag, value in baselines:
+            if value is not None:
+                argv += [flag, f"{value:g}"]
+        argv += ["--regression", f"{config.smoke.regression:g}"]
     return argv
 
 
