@@ -1,6 +1,8 @@
 """From pyinfra inventory hosts to validated, GPU-resolved, planned hosts: the one way in.
 
-Every host's data (group data, inventory, ``--data``, as pyinfra merged them) is validated into a
+Every host's data (group data, inventory, ``--data``, as pyinfra merged them), with the host's
+tuned profile applied where host data leaves a field unset (``tuned/<host>.json``,
+:mod:`gemma4_fleet.tuning`), is validated into a
 :class:`~gemma4_fleet.config.HostConfig`; its GPUs (the ``NvidiaGpus`` fact, when read) resolve
 each configured GPU reference (index or UUID) once; unset CUDA architectures become the GPUs';
 then the VRAM plan. The deploys and every CLI command start here. Problems of all hosts are
@@ -21,6 +23,7 @@ from pyinfra.api import OperationError
 from gemma4_fleet.config import ConfigError, HostConfig, host_data_of, parse_host_config
 from gemma4_fleet.facts import Gpu
 from gemma4_fleet.host_checks import host_problems, inventory_problems
+from gemma4_fleet.tuning import annotate_plan_errors, apply_profile
 from gemma4_fleet.vram_plan import (
     HostPlan,
     MetaFor,
@@ -119,6 +122,7 @@ def host_setups(
     *,
     read_accounts: AccountReader | None = None,
     meta_for: MetaFor = meta_for_model,
+    tuned: bool = True,
 ) -> dict[str, HostSetup]:
     """Validated, GPU-resolved and planned setup of every host; FleetConfigError lists all.
 
@@ -128,13 +132,17 @@ def host_setups(
     + read_accounts: looks up each host's service account (the deploy: the PasswdLine fact);
       None skips that check (the `plan` command)
     + meta_for: GGUF metadata of a model (read once per model for the whole fleet)
+    + tuned: apply each host's tuned profile (False: host data alone, the recipe)
     """
     hosts = list(hosts)
     configs: dict[str, HostConfig] = {}
     errors = inventory_problems(hosts)
     for host in hosts:
         try:
-            configs[host.name] = parse_host_config(host.name, host_data(host))
+            data = host_data(host)
+            if tuned:
+                data = apply_profile(host.name, data)
+            configs[host.name] = parse_host_config(host.name, data)
         except ConfigError as exc:
             errors.append(str(exc))
     read: dict[str, list[Gpu]] = {}
@@ -166,7 +174,7 @@ def host_setups(
         try:
             plan = plan_host(name, config, found, read_meta)
         except PlanConfigError as exc:
-            errors += exc.errors
+            errors += annotate_plan_errors(name, exc.errors) if tuned else exc.errors
             continue
         setups[name] = HostSetup(config, plan, gpus or [], uuids)
     if errors:
