@@ -49,7 +49,7 @@ import struct
 import sys
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -75,7 +75,7 @@ __all__ = [
 
 TARGET_ARCH = "gemma4"
 ASSISTANT_ARCH = "gemma4-assistant"
-ShapeName = Literal["tiny", "12b"]
+ShapeName = Literal["tiny", "cpu", "12b"]
 
 _GGUF_MAGIC = 0x46554747  # "GGUF" little-endian
 _GGUF_VERSION = 3
@@ -155,6 +155,8 @@ class Shape:
     asst_n_ff: int
     asst_n_head: int
     asst_swa_pattern: tuple[bool, ...]
+    # F32 target FFN weights: memory-bound at one token, cheap to batch (see shape "cpu").
+    target_ffn_f32: bool = False
 
     @property
     def n_layer(self) -> int:
@@ -188,6 +190,12 @@ def shape_spec(shape: ShapeName) -> Shape:
             asst_n_head=2,
             asst_swa_pattern=(True, False),
         )
+    if shape == "cpu":
+        # The tiny pair with a heavy target: 6 x 3 F32 FFN matrices of 64 x 32768 (151 MB). One
+        # token reads them all from memory, a batch of draft tokens reuses them (tinyBLAS), and
+        # the drafter stays tiny: as on a GPU, verifying k drafts costs about one token, so
+        # the draft length that pays depends on acceptance -- on a 2-core CPU too.
+        return replace(shape_spec("tiny"), n_ff=32768, target_ffn_f32=True)
     if shape == "12b":
         # A 12B-class dense Gemma 4 (Gemma 3 12B widths with Gemma 4's 512-wide global heads and
         # 5:1 local:global layout, ~11.8B parameters, ~6.6 GB as Q4_0), no shared-KV layers like
@@ -210,7 +218,7 @@ def shape_spec(shape: ShapeName) -> Shape:
             asst_n_head=8,
             asst_swa_pattern=(True, True, True, False),
         )
-    raise ValueError(f"unknown shape {shape!r} (expected 'tiny' or '12b')")
+    raise ValueError(f"unknown shape {shape!r} (expected 'tiny', 'cpu' or '12b')")
 
 
 def _check_shape(s: Shape) -> None:
@@ -514,12 +522,34 @@ def _rope_freqs(s: Shape) -> _Tensor:
     return _constant("rope_freqs.weight", [1.0] * n_rot + [1e30] * (n_pairs - n_rot))
 
 
+def _random_matrix_f32(seed: int, name: str, rows: int, cols: int) -> _Tensor:
+    """A random F32 weight matrix with entries ~ 1/sqrt(cols)."""
+
+    def gen() -> Iterator[npt.NDArray[Any]]:
+        rng = _rng(seed, name)
+        step = max(1, (_CHUNK_BYTES // 4) // cols)
+        for r0 in range(0, rows, step):
+            n = min(step, rows - r0)
+            yield rng.standard_normal((n, cols), dtype=np.float32) / np.float32(math.sqrt(cols))
+
+    return _Tensor(name, (rows, cols), QType.F32, gen)
+
+
 def _block_tensors(
-    seed: int, s: Shape, il: int, *, n_embd: int, n_ff: int, n_head: int, is_swa: bool
+    seed: int,
+    s: Shape,
+    il: int,
+    *,
+    n_embd: int,
+    n_ff: int,
+    n_head: int,
+    is_swa: bool,
+    ffn_f32: bool = False,
 ) -> list[_Tensor]:
     """Tensors every target and assistant block has (K/V ones are added by the caller)."""
     hd = s.head_dim_swa if is_swa else s.head_dim_full
     p = f"blk.{il}."
+    ffn = _random_matrix_f32 if ffn_f32 else _random_matrix
     return [
         _vector(seed, p + "attn_norm.weight", n_embd, 1.0, 0.05),
         _random_matrix(seed, p + "attn_q.weight", n_head * hd, n_embd),
@@ -528,9 +558,9 @@ def _block_tensors(
         _vector(seed, p + "post_attention_norm.weight", n_embd, _BRANCH_NORM, 0.1),
         _constant(p + "layer_output_scale.weight", [1.0]),
         _vector(seed, p + "ffn_norm.weight", n_embd, 1.0, 0.05),
-        _random_matrix(seed, p + "ffn_gate.weight", n_ff, n_embd),
-        _random_matrix(seed, p + "ffn_up.weight", n_ff, n_embd),
-        _random_matrix(seed, p + "ffn_down.weight", n_embd, n_ff),
+        ffn(seed, p + "ffn_gate.weight", n_ff, n_embd),
+        ffn(seed, p + "ffn_up.weight", n_ff, n_embd),
+        ffn(seed, p + "ffn_down.weight", n_embd, n_ff),
         _vector(seed, p + "post_ffw_norm.weight", n_embd, _BRANCH_NORM, 0.1),
     ]
 
@@ -555,7 +585,14 @@ def _target_tensors(
         hd = s.head_dim_swa if is_swa else s.head_dim_full
         n_kv = s.n_head_kv_swa if is_swa else s.n_head_kv_full
         block = _block_tensors(
-            seed_t, s, il, n_embd=s.n_embd, n_ff=s.n_ff, n_head=s.n_head, is_swa=is_swa
+            seed_t,
+            s,
+            il,
+            n_embd=s.n_embd,
+            n_ff=s.n_ff,
+            n_head=s.n_head,
+            is_swa=is_swa,
+            ffn_f32=s.target_ffn_f32,
         )
         if il < n_layer_kv:  # shared-KV layers have no K/V projections of their own
             p = f"blk.{il}."
@@ -857,7 +894,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--tokenizer-from", type=Path, required=True, metavar="GGUF")
-    parser.add_argument("--shape", choices=["tiny", "12b"], default="tiny")
+    parser.add_argument("--shape", choices=["tiny", "cpu", "12b"], default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mismatched", action="store_true", help="drafter with wrong n_embd_out")
     parser.add_argument(
