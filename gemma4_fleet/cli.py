@@ -164,6 +164,11 @@ def _tune(args: argparse.Namespace) -> int:
     if not hosts:
         raise ConfigError(f"inventory {args.inventory}: no hosts")
     prompts = tuning_read_prompts(args.prompts)
+    for name, value in (("--n-predict", args.n_predict), ("--reps", args.reps)):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    if not 0 <= args.margin < 1:
+        raise ConfigError(f"--margin must be a fraction within 0..1, got {args.margin}")
     state.init(inventory, Config(), initial_limit=hosts)
     failed = False
     with ctx_state.use(state):
@@ -253,6 +258,8 @@ def _tune_host(
             source = (package_files("gemma4_fleet") / "host_scripts" / "tune.py").read_bytes()
             host.put_file(io.BytesIO(source), script)
             for inst in config.instances:
+                if args.instance and inst.name not in args.instance:
+                    continue
                 untuned = recipe.config.instance(inst.name)
                 fits = _kv_fits(host.name, setup, inst)
                 row = plan.of(inst.name)
@@ -495,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="KEY=VALUE",
         help="override host data, as pyinfra's --data (pass the same as to the deploy)",
+    )
+    tune.add_argument(
+        "--instance", action="append", default=[], metavar="NAME", help="only these instances"
     )
     tune.add_argument("--prompts", metavar="FILE", help="JSON list or blank-line separated text")
     tune.add_argument("--n-predict", type=int, default=128, help="tokens per request (128)")
