@@ -302,6 +302,14 @@ class TempServer:
         self.log.close()
 
     def complete(self, prompt: str, n_predict: int, timeout: float = 600.0) -> dict[str, Any]:
+        """One request at temperature 0, through the server's chat template as the smoke check
+        sends it (the raw text when the server has no template)."""
+        code, raw = http(
+            self.url + "/apply-template", {"messages": [{"role": "user", "content": prompt}]}
+        )
+        templated = json.loads(raw or b"null") if code == 200 else None
+        if isinstance(templated, Mapping) and isinstance(templated.get("prompt"), str):
+            prompt = templated["prompt"]
         body = {
             "prompt": prompt,
             "n_predict": n_predict,

@@ -129,10 +129,11 @@ def test_tune_picks_the_draft_length_from_acceptance_and_the_deploy_applies_it(
     smoke = fleet.ssh(HOST, "systemctl show -p ExecStart llama-smoke-gemma4.service").stdout
     assert "--baseline-tps" in smoke and "--regression 0.3" in smoke, smoke
 
-    # A rerun with nothing changed (the default margin keeps the incumbent within noise):
-    # the profile stays byte for byte, and the deploy changes nothing.
+    # A rerun with nothing changed: the incumbent (the tuned settings) is kept within the margin,
+    # the profile stays byte for byte, and the deploy changes nothing. The margin is wider than
+    # the default 5 %: the test hosts share two cores with whatever else runs.
     before = (tmp_path / "high" / f"{HOST}.json").read_bytes()
-    out = tune(data, tmp_path / "high").stdout
+    out = tune(data, tmp_path / "high", "--margin", "0.3").stdout
     assert "unchanged" in out, out
     assert (tmp_path / "high" / f"{HOST}.json").read_bytes() == before
     run = run_pyinfra("deploys/gemma4_mtp.py", "--limit", HOST, *data, env=env_high)
