@@ -131,7 +131,8 @@ def _read_gpus(
 
 
 def _plan(args: argparse.Namespace) -> int:
-    state, inventory = _load_inventory(args.inventory)  # first: pyinfra_cli patches the stdlib
+    # first: pyinfra_cli patches the stdlib
+    state, inventory = _load_inventory(args.inventory, args.data)
     from gemma4_fleet.pipeline import FleetConfigError, host_setups
 
     hosts = _limited_hosts(inventory, args.limit)
@@ -160,7 +161,7 @@ def _tune(args: argparse.Namespace) -> int:
     from gemma4_fleet.pipeline import host_setups
 
     state, inventory = _load_inventory(args.inventory, args.data)
-    hosts = _limit(inventory, args.limit)
+    hosts = _limited_hosts(inventory, args.limit)
     if not hosts:
         raise ConfigError(f"inventory {args.inventory}: no hosts")
     prompts = tuning_read_prompts(args.prompts)
@@ -260,9 +261,9 @@ def _tune_host(
             for inst in config.instances:
                 if args.instance and inst.name not in args.instance:
                     continue
-                untuned = recipe.config.instance(inst.name)
+                untuned = next(i for i in recipe.config.instances if i.name == inst.name)
                 fits = _kv_fits(host.name, setup, inst)
-                row = plan.of(inst.name)
+                row = plan.instance_plan(inst.name)
                 spec = tuning.instance_spec(
                     config,
                     plan,
@@ -476,6 +477,13 @@ def main(argv: list[str] | None = None) -> int:
         help="only these hosts or groups (glob; repeat or comma-separate)",
     )
     plan.add_argument("--json", action="store_true", help="machine-readable output (bytes)")
+    plan.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override host data, as pyinfra's --data",
+    )
     plan.add_argument(
         "--from-hosts",
         action="store_true",

@@ -241,7 +241,7 @@ class HostPlan:
     def table(self) -> str:
         """A compact table in MiB, then one line per GPU: what it is, budget source, tenants."""
         head: tuple[str, ...] = ("instance", "GPU", "budget", "weights", "KV", "compute")
-        head += ("overhead", "tenants", "headroom", "free", "ctx", "KV", "fits")
+        head += ("overhead", "tenants", "headroom", "free", "ctx", "cache", "fits")
         rows: list[tuple[str, ...]] = [head]
         notes: dict[str, str] = {}
         for r in self.instances:

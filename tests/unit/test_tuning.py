@@ -91,7 +91,7 @@ def test_profile_applies_where_host_data_is_silent(
     # baseline
     monkeypatch.setenv("G4F_TUNED_DIR", str(tmp_path))
     setup = host_setups([_Host("box", _data(gemma3_270m))], None, meta_for=meta_for_model)["box"]
-    row = setup.plan.of("gemma3")
+    row = setup.plan.instance_plan("gemma3")
     assert row.cache_types[:2] == ("q8_0", "q8_0") and "measured order" in row.kv_reason
     argv = smoke_argv(setup.config, setup.config.instances[0])
     tail = argv[argv.index("--baseline-tps") :]

@@ -702,7 +702,7 @@ def test_cli_json_and_table(project: Path, meta_270m: ModelMeta) -> None:
     assert lines[0] == "host box-a (MiB)"
     assert lines[1].split() == [
         "instance", "GPU", "budget", "weights", "KV", "compute", "overhead", "tenants",
-        "headroom", "free", "ctx", "KV", "fits",
+        "headroom", "free", "ctx", "cache", "fits",
     ]  # fmt: skip
     assert lines[2].split() == [
         "gemma3", "0", "1200", str(round(weights / MIB)), str(round(kv / MIB)),
