@@ -63,9 +63,12 @@ def _profile(**settings: Any) -> dict[str, Any]:
 
 
 class _Host:
+    """What the pipeline reads of a pyinfra inventory host: its name, groups and merged data."""
+
     def __init__(self, name: str, data: dict[str, Any]) -> None:
         self.name = name
-        self.data = SimpleNamespace(get=data.get)
+        self.groups: list[str] = []
+        self.data = SimpleNamespace(get=data.get, dict=lambda: dict(data))
 
 
 def test_profile_applies_where_host_data_is_silent(
