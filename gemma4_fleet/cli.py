@@ -45,6 +45,14 @@ def _load_inventory(path: str, data: list[str] | None = None) -> tuple[Any, Any]
     cwd = os.getcwd()
     if cwd not in sys.path:  # as pyinfra's CLI: group data and inventories may import from cwd
         sys.path.append(cwd)
+    from pyinfra_cli.util import parse_cli_arg
+
+    override: dict[str, Any] = {}
+    for arg in data or []:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ConfigError(f"--data {arg}: expected KEY=VALUE")
+        override[key] = parse_cli_arg(value)
     state = State(check_for_changes=False)
     state.cwd = cwd
     try:
@@ -186,7 +194,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _prometheus_config(args: argparse.Namespace) -> int:
     """Print a Prometheus configuration scraping every instance and node_exporter."""
-    _, inventory = _load_inventory(args.inventory)  # first: pyinfra_cli patches the stdlib
+    _, inventory = _load_inventory(args.inventory, args.data)  # first: it patches the stdlib
     from gemma4_fleet import monitoring
     from gemma4_fleet.pipeline import FleetConfigError, host_configs
 
@@ -208,6 +216,248 @@ def _prometheus_config(args: argparse.Namespace) -> int:
         print(f"gemma4-fleet: warning: {warning}", file=sys.stderr)
     print(monitoring.render(config, monitoring.HEADER), end="")
     return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    """Measure every instance of the chosen hosts on the host itself; write tuned/<host>.json."""
+    from pyinfra.api import Config
+    from pyinfra.api.connect import disconnect_all
+    from pyinfra.context import ctx_state
+
+    from gemma4_fleet.pipeline import host_setups
+
+    state, inventory = _load_inventory(args.inventory, args.data)
+    hosts = _limited_hosts(inventory, args.limit)
+    if not hosts:
+        raise ConfigError(f"inventory {args.inventory}: no hosts")
+    prompts = tuning_read_prompts(args.prompts)
+    for name, value in (("--n-predict", args.n_predict), ("--reps", args.reps)):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    if not 0 <= args.margin < 1:
+        raise ConfigError(f"--margin must be a fraction within 0..1, got {args.margin}")
+    state.init(inventory, Config(), initial_limit=hosts)
+    failed = False
+    with ctx_state.use(state):
+        try:
+            read = partial(_read_gpus_connected, state)
+            setups = host_setups(hosts, read)
+            recipes = host_setups(hosts, read, tuned=False)
+            for host in hosts:
+                ok, table = _tune_host(
+                    state, host, setups[host.name], recipes[host.name], prompts, args
+                )
+                failed |= not ok
+                print(table, flush=True)
+        finally:
+            disconnect_all(state)
+    return 1 if failed else 0
+
+
+def tuning_read_prompts(path: str | None) -> list[dict[str, str]]:
+    from pathlib import Path
+
+    from gemma4_fleet.tuning import read_prompts
+
+    try:
+        return read_prompts(Path(path) if path else None)
+    except OSError as exc:
+        raise ConfigError(f"--prompts {path}: {exc}") from None
+
+
+def _read_gpus_connected(
+    state: Any, hosts: list[tuple[Any, HostConfig]]
+) -> tuple[dict[str, list[Gpu]], dict[str, str]]:
+    """The NvidiaGpus fact of each GPU host, on a state that is already initialised."""
+    from pyinfra.api.exceptions import PyinfraError
+    from pyinfra.api.facts import get_fact
+    from pyinfra.context import ctx_host
+
+    from gemma4_fleet.facts import NvidiaGpus
+
+    gpus: dict[str, list[Gpu]] = {}
+    errors: dict[str, str] = {}
+    for host, config in hosts:
+        if not _uses_gpu(config):
+            continue
+        try:
+            host.connect(show_errors=False, raise_exceptions=True)
+            state.activate_host(host)
+            with ctx_host.use(host):
+                gpus[host.name] = get_fact(state, host, NvidiaGpus, apply_failed_hosts=False)
+        except (PyinfraError, OSError) as exc:
+            errors[host.name] = f"nvidia-smi: cannot read it: {exc}"
+    return gpus, errors
+
+
+def _run_on(host: Any, command: str) -> tuple[bool, str, str]:
+    from pyinfra.api import StringCommand
+
+    ok, output = host.run_shell_command(StringCommand(command), print_output=False)
+    return bool(ok), output.stdout, output.stderr
+
+
+def _tune_host(
+    state: Any, host: Any, setup: Any, recipe: Any, prompts: list[dict[str, str]], args: Any
+) -> tuple[bool, str]:
+    """Tune one host's instances one after the other; (all measured, the host's table)."""
+    import io
+    import shlex
+    from importlib.resources import files as package_files
+    from pathlib import Path
+
+    from pyinfra.api.exceptions import PyinfraError
+    from pyinfra.context import ctx_host
+
+    from gemma4_fleet import tuning
+    from gemma4_fleet.render import HOST_SCRIPTS_DIR
+
+    config, plan = setup.config, setup.plan
+    script = f"{HOST_SCRIPTS_DIR}/tune.py"
+    rows: list[dict[str, Any]] = []
+    entries: dict[str, tuning.TunedInstance] = {}
+    all_ok = True
+    try:
+        host.connect(show_errors=False, raise_exceptions=True)
+        state.activate_host(host)
+        with ctx_host.use(host):
+            _run_on(host, f"mkdir -p {shlex.quote(HOST_SCRIPTS_DIR)}")
+            source = (package_files("gemma4_fleet") / "host_scripts" / "tune.py").read_bytes()
+            host.put_file(io.BytesIO(source), script)
+            for inst in config.instances:
+                if args.instance and inst.name not in args.instance:
+                    continue
+                untuned = next(i for i in recipe.config.instances if i.name == inst.name)
+                fits = _kv_fits(host.name, setup, inst)
+                row = plan.instance_plan(inst.name)
+                spec = tuning.instance_spec(
+                    config,
+                    plan,
+                    inst,
+                    untuned,
+                    kv_types=tuning.kv_types_that_fit(fits) or ["q8_0"],
+                    stop_service=_needs_stop(row),
+                    gpu_uuid=setup.gpu_uuid(inst.gpu),
+                    prompts=prompts,
+                    n_predict=args.n_predict,
+                    reps=args.reps,
+                    depth=args.depth,
+                    margin=args.margin,
+                )
+                remote_spec = f"/tmp/g4f-tune-{inst.name}.json"
+                host.put_file(io.BytesIO(json.dumps(spec).encode()), remote_spec)
+                print(f"--> {host.name} {inst.name}: measuring (tune.py on the host)", flush=True)
+                _, out, err = _run_on(
+                    host, f"python3 {shlex.quote(script)} --spec {shlex.quote(remote_spec)}"
+                )
+                try:
+                    result = json.loads(out)
+                except ValueError:
+                    result = {"status": "error", "error": (err or out).strip()[-400:]}
+                status = result.get("status")
+                if status != "ok":
+                    all_ok = False
+                    rows.append(
+                        {
+                            "instance": inst.name,
+                            "recipe": "-",
+                            "tuned": "-",
+                            "status": f"{status}: {result.get('error')}",
+                        }
+                    )
+                    continue
+                entries[inst.name] = tuning.tuned_instance(inst, untuned, result, spec)
+                rows.append(_table_row(inst.name, spec, result))
+    except (PyinfraError, OSError) as exc:
+        return False, f"host {host.name}\n  cannot tune: {exc}"
+    folder = Path(args.tuned_dir) if args.tuned_dir else None
+    path = tuning.profile_path(host.name, folder)
+    if entries:
+        old = tuning.load_profile(host.name, folder)
+        kept = dict(old.instances) if old is not None else {}
+        new = tuning.TunedProfile(host=host.name, instances={**kept, **entries})
+        if tuning.same_settings(old, new) and not args.rewrite:
+            verdict = f"{path} unchanged (same settings chosen)"
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(tuning.profile_json(new))
+            verdict = f"{path} written; deploy to apply it"
+        for r in rows:
+            r["status"] = r.get("status") or verdict
+    return all_ok, tuning.host_table(host.name, rows)
+
+
+def _needs_stop(row: Any) -> bool:
+    """On a GPU, whether a second copy of the instance does not fit beside the running one."""
+    if row.gpu is None or row.free is None:
+        return False
+    own = row.weights + row.kv + row.compute + row.overhead
+    return bool(row.free < own)
+
+
+def _kv_fits(host_name: str, setup: Any, inst: Any) -> dict[str, bool]:
+    """Which of the auto KV types fit this host's plan for the instance (others unchanged)."""
+    from gemma4_fleet.config import AUTO_KV_ORDER
+    from gemma4_fleet.pipeline import resolve_gpus
+    from gemma4_fleet.vram_plan import PlanConfigError, meta_for_model, plan_host
+
+    found, _, _ = resolve_gpus(host_name, setup.config, setup.gpus or None)
+    fits: dict[str, bool] = {}
+    for kv in AUTO_KV_ORDER:
+        fixed = inst.model_copy(update={"cache_type_k": kv, "cache_type_v": kv})
+        instances = [fixed if i.name == inst.name else i for i in setup.config.instances]
+        config = setup.config.model_copy(update={"instances": instances})
+        try:
+            plan_host(host_name, config, found, meta_for_model)
+            fits[kv] = True
+        except PlanConfigError:
+            fits[kv] = False
+    return fits
+
+
+def _table_row(name: str, spec: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    from gemma4_fleet import tuning
+
+    recipe = result.get("recipe") or {}
+    chosen = result["single_chosen"]
+    tuned = {"kv": (result.get("kv_order") or ["-"])[0], "single": chosen}
+    par = result.get("parallel")
+    if par:
+        tuned["parallel"] = par["chosen"].split("-")[0].removeprefix("np")
+    figures = result.get("single", {})
+    notes = [
+        "KV decode tok/s at depth "
+        + str(spec.get("depth"))
+        + ": "
+        + ", ".join(f"{k} {v:.1f}" if v else f"{k} -" for k, v in (result.get("kv") or {}).items()),
+        "single stream tok/s (acceptance): "
+        + ", ".join(
+            f"{label} {f['tps']:.1f}"
+            + (f" ({f['acceptance']:.2f})" if f.get("acceptance") is not None else "")
+            for label, f in figures.items()
+            if f.get("tps")
+        ),
+    ]
+    if par:
+        notes.append(
+            f"{par['n']} concurrent clients, aggregate tok/s: "
+            + ", ".join(f"{k} {v['aggregate_tps']:.1f}" for k, v in par["runs"].items())
+        )
+    by_pos = figures.get(chosen, {}).get("by_position")
+    if by_pos:
+        notes.append("acceptance by draft position: " + " ".join(f"{v:.2f}" for v in by_pos))
+    return {
+        "instance": name,
+        "recipe": tuning.describe(
+            {"kv": spec["recipe"]["kv"], "single": spec["recipe"]["single_label"]}
+        ),
+        "recipe_tps": recipe.get("tps"),
+        "tuned": tuning.describe(tuned),
+        "tuned_tps": result.get("tuned_tps"),
+        "acceptance": figures.get(chosen, {}).get("acceptance"),
+        "status": "",
+        "notes": notes,
+    }
 
 
 def _fleet(args: argparse.Namespace) -> int:
@@ -329,10 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         "(instances bound to a non-loopback address) and every host's node_exporter (the smoke "
         "check's textfile metrics), labelled host and instance_name for the shipped alerts.",
     )
-    prom.add_argument("inventory", help="pyinfra inventory (file, host list or module)")
-    prom.add_argument(
-        "--limit", action="append", default=[], metavar="NAME", help="only these hosts or groups"
-    )
+    _inventory_arguments(prom)
     prom.add_argument("--node-exporter-port", type=int, default=9100, metavar="PORT")
     prom.add_argument(
         "--rules",
@@ -342,6 +589,31 @@ def main(argv: list[str] | None = None) -> int:
         help="add to rule_files (e.g. monitoring/alerts.yml); repeatable",
     )
     prom.set_defaults(func=_prometheus_config)
+    tune = sub.add_parser(
+        "tune",
+        help="measure each host's instances on the host and write tuned/<host>.json",
+        description="On each host and instance, with the build deployed there: llama-bench "
+        "decode tok/s per KV type that fits, then temporary llama-servers (the instance's "
+        "models and planned ctx, a spare port) for MTP off and --spec-draft-n-max 1..6 over a "
+        "prompt set, and slot counts under concurrent clients when the instance asks for more "
+        "than one. Waits for the service to be idle first and restores it after. Writes the "
+        "fastest settings with their figures to tuned/<host>.json; the next deploy applies them "
+        "(host data still wins). Exit status 1 when an instance could not be measured.",
+    )
+    _inventory_arguments(tune)
+    tune.add_argument(
+        "--instance", action="append", default=[], metavar="NAME", help="only these instances"
+    )
+    tune.add_argument("--prompts", metavar="FILE", help="JSON list or blank-line separated text")
+    tune.add_argument("--n-predict", type=int, default=128, help="tokens per request (128)")
+    tune.add_argument("--reps", type=int, default=2, help="passes over the prompts (2)")
+    tune.add_argument("--depth", type=int, help="llama-bench depth (default ctx/2, max 32768)")
+    tune.add_argument("--margin", type=float, default=0.05, help="keep the incumbent within it")
+    tune.add_argument("--tuned-dir", metavar="DIR", help="profile folder (default tuned/)")
+    tune.add_argument(
+        "--rewrite", action="store_true", help="write the profile even when nothing changed"
+    )
+    tune.set_defaults(func=_tune)
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)

@@ -47,6 +47,12 @@ def _lower(value: Any) -> Any:
 # `sha256sum` prints lower case, other tools upper case: both mean the same bytes.
 Sha256 = Annotated[str, BeforeValidator(_lower), Field(pattern=r"^[0-9a-f]{64}$")]
 KvType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+# "auto": the planner picks the fastest type that fits the budget at the wanted ctx
+# (gemma4_fleet.vram_plan): the measured order of a tuned profile, else AUTO_KV_ORDER.
+KvChoice = Literal["auto", KvType]
+# f16 decodes 16-23 % faster than q8_0 on an H200 (briefs/gpu-host.md); q8_0 halves the KV bytes.
+# Beyond q8_0 the planner refuses rather than silently trade long-context fidelity for fit.
+AUTO_KV_ORDER: tuple[KvType, ...] = ("f16", "q8_0")
 Layers = int | Literal["all", "auto"]
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")]
 
@@ -337,18 +343,23 @@ class ModelFile(_Model):
 
 class ServerSettings(_Model):
     """llama-server settings. The defaults are the seed 003 recipe: MTP pays off only at
-    --parallel 1; --fit off because llama.cpp's fit does not count the drafter; q8_0 K/V costs
-    nothing in speed and keeps long-context fidelity. These are the only defaults: host data
-    overrides them."""
+    --parallel 1; --fit off because llama.cpp's fit does not count the drafter. The KV cache
+    types are "auto": f16 where it fits the GPU at the wanted ctx (16-23 % faster decoding than
+    q8_0 on an H200), else q8_0 (what fits 256k on 24 GB). These are the only defaults: host data
+    (and a tuned profile, tuned/<host>.json) overrides them."""
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
     # "auto": the largest multiple of 256 that fits the GPU budget (gemma4_fleet.vram_plan).
     ctx_size: Annotated[int, Field(ge=256)] | Literal["auto"] = 262144
-    cache_type_k: KvType = "q8_0"
-    cache_type_v: KvType = "q8_0"
-    cache_type_k_draft: KvType = "q8_0"
-    cache_type_v_draft: KvType = "q8_0"
+    cache_type_k: KvChoice = "auto"
+    cache_type_v: KvChoice = "auto"
+    # "auto" follows the target's type (a gemma4 assistant reads the target's cache anyway).
+    cache_type_k_draft: KvChoice = "auto"
+    cache_type_v_draft: KvChoice = "auto"
+    # KV types fastest first, as measured by `gemma4-fleet tune` (tuned/<host>.json); the order
+    # cache_type "auto" tries. None: AUTO_KV_ORDER.
+    kv_order: list[KvType] | None = Field(default=None, min_length=1)
     parallel: Annotated[int, Field(ge=1, le=64)] = 1
     spec_type: Literal["draft-mtp", "draft-simple", "none"] = "draft-mtp"
     draft_n_max: Annotated[int, Field(ge=1, le=64)] = 3
@@ -381,6 +392,10 @@ class ServerSettings(_Model):
     extra_args: list[str] = []
     # Seed 003: MTP at --parallel > 1 is slower than MTP off. Refused unless this says otherwise.
     allow_parallel_mtp: bool = False
+    # What the smoke check compares against (llama_smoke.regression): median tok/s and draft
+    # acceptance over its prompts, as `gemma4-fleet tune` measured them (tuned/<host>.json).
+    baseline_tps: Annotated[float, Field(gt=0)] | None = None
+    baseline_acceptance: Annotated[float, Field(ge=0, le=1)] | None = None
 
 
 class Instance(ServerSettings):
@@ -445,11 +460,16 @@ class Instance(ServerSettings):
         if self.draft_n_min > self.draft_n_max:
             raise ValueError("draft_n_min is larger than draft_n_max")
         quantized_v = [
-            t for t in (self.cache_type_v, self.cache_type_v_draft) if t.startswith(("q", "iq"))
+            t for t in (self.cache_type_v, self.cache_type_v_draft) if is_quantized_kv(t)
         ]
         if quantized_v and self.flash_attn == "off":
             raise ValueError(f"quantized V cache ({quantized_v[0]}) needs flash_attn on")
         return self
+
+
+def is_quantized_kv(cache_type: str) -> bool:
+    """Quantized K/V types (a quantized V cache needs flash attention)."""
+    return cache_type.startswith(("q", "iq"))
 
 
 class GpuService(_Model):
@@ -468,6 +488,8 @@ class SmokeConfig(_Model):
     enabled: bool = True
     min_tps: Annotated[float, Field(ge=0)] | None = None
     min_acceptance: Annotated[float, Field(ge=0, le=1)] | None = None
+    # A run below this fraction of the instance's tuned baseline (tok/s or acceptance) fails.
+    regression: Annotated[float, Field(gt=0, le=1)] | None = 0.8
     n_predict: Annotated[int, Field(ge=8, le=4096)] = 128
     on_calendar: Annotated[str, Field(pattern=r"^[A-Za-z0-9 :*,./~-]+$")] = "hourly"
     randomized_delay_sec: Annotated[int, Field(ge=0)] = 600

@@ -1,6 +1,8 @@
 """From pyinfra inventory hosts to validated, GPU-resolved, planned hosts: the one way in.
 
-Every host's data (group data, inventory, ``--data``, as pyinfra merged them) is validated into a
+Every host's data (group data, inventory, ``--data``, as pyinfra merged them), with the host's
+tuned profile applied where host data leaves a field unset (``tuned/<host>.json``,
+:mod:`gemma4_fleet.tuning`), is validated into a
 :class:`~gemma4_fleet.config.HostConfig`; its GPUs (the ``NvidiaGpus`` fact, when read) resolve
 each configured GPU reference (index or UUID) once; unset CUDA architectures become the GPUs';
 then the VRAM plan. The deploys and every CLI command start here. Problems of all hosts are
@@ -27,6 +29,7 @@ from gemma4_fleet.config import (
 )
 from gemma4_fleet.facts import Gpu
 from gemma4_fleet.host_checks import host_problems, inventory_problems
+from gemma4_fleet.tuning import annotate_plan_errors, apply_profile
 from gemma4_fleet.vram_plan import (
     HostPlan,
     MetaFor,
@@ -122,12 +125,13 @@ def host_data(host: Any) -> dict[str, Any]:
 
 
 def host_configs(
-    hosts: Iterable[Any], *, placeholders: bool = False
+    hosts: Iterable[Any], *, placeholders: bool = False, tuned: bool = True
 ) -> tuple[dict[str, HostConfig], list[str], dict[str, dict[str, str]]]:
     """(validated config per host, errors, {host: {stand-in sha256: warning}}).
 
     + placeholders: plan hosts whose sha256 values are not filled in yet (the example
       inventory's `FILL-IN`) with a stand-in and a warning each; the deploy never does
+    + tuned: apply each host's tuned profile where host data is silent (False: the recipe)
     """
     configs: dict[str, HostConfig] = {}
     errors: list[str] = []
@@ -137,6 +141,8 @@ def host_configs(
         if placeholders:
             data, stand_ins[host.name] = stand_in_checksums(host.name, data)
         try:
+            if tuned:
+                data = apply_profile(host.name, data)
             configs[host.name] = parse_host_config(host.name, data)
         except ConfigError as exc:
             errors.append(str(exc))
@@ -150,6 +156,7 @@ def host_setups(
     read_accounts: AccountReader | None = None,
     meta_for: MetaFor = meta_for_model,
     placeholders: bool = False,
+    tuned: bool = True,
 ) -> dict[str, HostSetup]:
     """Validated, GPU-resolved and planned setup of every host; FleetConfigError lists all.
 
@@ -160,9 +167,10 @@ def host_setups(
       None skips that check (the `plan` command)
     + meta_for: GGUF metadata of a model (read once per model for the whole fleet)
     + placeholders: plan checksums not filled in yet, with a warning (`gemma4-fleet plan`)
+    + tuned: apply each host's tuned profile (False: host data alone, the recipe)
     """
     hosts = list(hosts)
-    configs, errors, stand_ins = host_configs(hosts, placeholders=placeholders)
+    configs, errors, stand_ins = host_configs(hosts, placeholders=placeholders, tuned=tuned)
     errors = inventory_problems(hosts) + errors
     read: dict[str, list[Gpu]] = {}
     unreadable: dict[str, str] = {}
@@ -198,7 +206,7 @@ def host_setups(
         try:
             plan = plan_host(name, config, found, read_meta)
         except PlanConfigError as exc:
-            errors += exc.errors
+            errors += annotate_plan_errors(name, exc.errors) if tuned else exc.errors
             continue
         warnings = (*stand_ins.get(name, {}).values(), *plan.warnings)
         setups[name] = HostSetup(config, plan, gpus or [], uuids, warnings)

@@ -19,6 +19,9 @@ def server_argv(config: HostConfig, inst: Instance, ctx_size: int | None = None)
     ctx = ctx_size if ctx_size is not None else inst.ctx_size
     if not isinstance(ctx, int):
         raise ConfigError(f"instance {inst.name}: ctx_size auto needs a VRAM plan")
+    kv = (inst.cache_type_k, inst.cache_type_v, inst.cache_type_k_draft, inst.cache_type_v_draft)
+    if "auto" in kv:
+        raise ConfigError(f"instance {inst.name}: cache type auto needs a VRAM plan (settle it)")
     argv = [
         config.server_binary,
         "--model",
@@ -124,6 +127,15 @@ def smoke_argv(config: HostConfig, inst: Instance) -> list[str]:
         argv += ["--min-tps", f"{config.smoke.min_tps:g}"]
     if config.smoke.min_acceptance is not None:
         argv += ["--min-acceptance", f"{config.smoke.min_acceptance:g}"]
+    baselines = (
+        ("--baseline-tps", inst.baseline_tps),
+        ("--baseline-acceptance", inst.baseline_acceptance),
+    )
+    if config.smoke.regression is not None and any(v is not None for _, v in baselines):
+        for flag, value in baselines:
+            if value is not None:
+                argv += [flag, f"{value:g}"]
+        argv += ["--regression", f"{config.smoke.regression:g}"]
     return argv
 
 

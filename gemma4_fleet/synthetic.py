@@ -20,6 +20,19 @@ path) or, with ``drafter_agrees=False``, a different fixed token (acceptance 0, 
 * the drafter's pre-projection routes dimension 0 of both halves of ``[embedding, h]`` to its own
   dimension 0, and its post-projection routes it back, so the same argument holds for its head.
 
+With ``agreement=p`` (``--agreement p``) the pair is a *cycle* pair instead, for
+acceptance-dependent tests (issue 14: the draft length that pays depends on acceptance):
+
+* each token has a code ``0..CYCLE_LEN-1`` (a cycle token its index in the cycle, any other token
+  its id mod ``CYCLE_LEN``), written as a one-hot Q4_0 block 0 of its embedding row;
+* an untied ``output.weight`` maps code ``i`` to cycle token ``i + 1``: the target's greedy
+  continuation walks through ``CYCLE_LEN`` ordinary word tokens, whatever the prompt;
+* the drafter's pre-projection copies the code dimensions of the token embedding, and its head
+  maps code ``i`` to the target's next token for exactly ``round(p * CYCLE_LEN)`` codes (chosen
+  by the seed; the sets are nested as p grows) and to cycle token ``i + 2`` for the others. Over
+  a generation the cycle is walked uniformly, so a draft at any position is right with
+  probability ``p`` (to 1/``CYCLE_LEN``), deterministically per context (the last token).
+
 Files are byte-for-byte reproducible: a seeded numpy ``Generator`` per tensor, no timestamps, and
 a small in-module GGUF serializer that streams tensors in chunks (the ``12b`` shape never holds a
 whole tensor in float32) and copies the tokenizer's key/value records verbatim.
@@ -31,11 +44,12 @@ import argparse
 import math
 import mmap
 import os
+import re
 import struct
 import sys
 import zlib
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -49,7 +63,9 @@ from gemma4_fleet.common import sha256_file
 
 __all__ = [
     "ASSISTANT_ARCH",
+    "CYCLE_LEN",
     "TARGET_ARCH",
+    "CycleSpec",
     "Shape",
     "SyntheticPair",
     "main",
@@ -59,7 +75,7 @@ __all__ = [
 
 TARGET_ARCH = "gemma4"
 ASSISTANT_ARCH = "gemma4-assistant"
-ShapeName = Literal["tiny", "12b"]
+ShapeName = Literal["tiny", "cpu", "12b"]
 
 _GGUF_MAGIC = 0x46554747  # "GGUF" little-endian
 _GGUF_VERSION = 3
@@ -72,7 +88,36 @@ _FILE_TYPE_MOSTLY_Q4_0 = 2
 # Token the target always predicts, and the one a disagreeing drafter predicts instead. Looked
 # up by text in the copied vocabulary (both exist in the Gemma 3 vocabulary); see _pick_tokens.
 _AGREE_TOKEN_TEXT = "\u2581fleet".encode()
+# Cycle pairs: how many tokens the target's greedy continuation walks through. Their codes live in
+# Q4_0 block 0 (32 dimensions) of every embedding row, and the narrowest assistant is 32 wide.
+CYCLE_LEN = 32
+_CYCLE_WORD = re.compile(rb"^\xe2\x96\x81[a-z]{4,10}$")  # "\u2581" + an ordinary lowercase word
 _DISAGREE_TOKEN_TEXT = "\u2581drift".encode()
+
+
+@dataclass(frozen=True)
+class CycleSpec:
+    """What a cycle pair computes (see the module doc); tests check the weights against it."""
+
+    tokens: tuple[int, ...]  # tokens[i] is the cycle token with code i
+    agreeing: frozenset[int]  # codes after which the drafter proposes the target's next token
+
+    def code(self, token: int) -> int:
+        """The code a token's embedding carries: its cycle index, else its id mod the length."""
+        return self.tokens.index(token) if token in self.tokens else token % len(self.tokens)
+
+    def target_next(self, token: int) -> int:
+        """The target's greedy token after ``token``."""
+        return self.tokens[(self.code(token) + 1) % len(self.tokens)]
+
+    def drafter_next(self, token: int) -> int:
+        """The drafter's proposal after ``token``: right on agreeing codes, one too far else."""
+        code = self.code(token)
+        return self.tokens[(code + (1 if code in self.agreeing else 2)) % len(self.tokens)]
+
+    @property
+    def agreement(self) -> float:
+        return len(self.agreeing) / len(self.tokens)
 
 
 @dataclass(frozen=True)
@@ -81,6 +126,7 @@ class SyntheticPair:
 
     target: Path
     drafter: Path
+    cycle: CycleSpec | None = None  # set for a cycle pair (``agreement`` given)
 
 
 @dataclass(frozen=True)
@@ -109,6 +155,8 @@ class Shape:
     asst_n_ff: int
     asst_n_head: int
     asst_swa_pattern: tuple[bool, ...]
+    # F32 target FFN weights: memory-bound at one token, cheap to batch (see shape "cpu").
+    target_ffn_f32: bool = False
 
     @property
     def n_layer(self) -> int:
@@ -142,6 +190,12 @@ def shape_spec(shape: ShapeName) -> Shape:
             asst_n_head=2,
             asst_swa_pattern=(True, False),
         )
+    if shape == "cpu":
+        # The tiny pair with a heavy target: 6 x 3 F32 FFN matrices of 64 x 32768 (151 MB). One
+        # token reads them all from memory, a batch of draft tokens reuses them (tinyBLAS), and
+        # the drafter stays tiny: as on a GPU, verifying k drafts costs about one token, so
+        # the draft length that pays depends on acceptance -- on a 2-core CPU too.
+        return replace(shape_spec("tiny"), n_ff=32768, target_ffn_f32=True)
     if shape == "12b":
         # A 12B-class dense Gemma 4 (Gemma 3 12B widths with Gemma 4's 512-wide global heads and
         # 5:1 local:global layout, ~11.8B parameters, ~6.6 GB as Q4_0), no shared-KV layers like
@@ -164,7 +218,7 @@ def shape_spec(shape: ShapeName) -> Shape:
             asst_n_head=8,
             asst_swa_pattern=(True, True, True, False),
         )
-    raise ValueError(f"unknown shape {shape!r} (expected 'tiny' or '12b')")
+    raise ValueError(f"unknown shape {shape!r} (expected 'tiny', 'cpu' or '12b')")
 
 
 def _check_shape(s: Shape) -> None:
@@ -339,12 +393,15 @@ def _embedding(seed: int, name: str, n_vocab: int, n_embd: int, favoured: int) -
     return _Tensor(name, (n_vocab, n_embd), QType.Q4_0, gen)
 
 
-def _routing_matrix(seed: int, name: str, rows: int, cols: int, sources: Sequence[int]) -> _Tensor:
-    """Q4_0 projection: output 0 = sum of inputs ``sources`` / len; other outputs random noise.
+def _routing_matrix(
+    seed: int, name: str, rows: int, cols: int, routes: Mapping[int, Sequence[int]]
+) -> _Tensor:
+    """Q4_0 projection: output ``o`` = mean of inputs ``routes[o]``; other outputs random noise.
 
-    The noise rows ignore the ``sources`` columns, so the dominant dimension 0 of the input only
-    flows into output dimension 0 and keeps dominating after the projection.
+    The noise rows ignore every routed input column, so the dominant dimensions of the input only
+    flow into their routed outputs and keep dominating after the projection.
     """
+    sources = sorted({c for cs in routes.values() for c in cs})
 
     def gen() -> Iterator[npt.NDArray[Any]]:
         rng = _rng(seed, name)
@@ -352,13 +409,88 @@ def _routing_matrix(seed: int, name: str, rows: int, cols: int, sources: Sequenc
         for r0 in range(0, rows, step):
             n = min(step, rows - r0)
             w = rng.standard_normal((n, cols), dtype=np.float32) / np.float32(math.sqrt(cols))
-            w[:, list(sources)] = 0.0
-            if r0 == 0:
-                w[0, :] = 0.0
-                w[0, list(sources)] = 1.0 / len(sources)
+            w[:, sources] = 0.0
+            for out, ins in routes.items():
+                if r0 <= out < r0 + n:
+                    w[out - r0, :] = 0.0
+                    w[out - r0, list(ins)] = 1.0 / len(ins)
             yield gguf_quantize(w, QType.Q4_0)
 
     return _Tensor(name, (rows, cols), QType.Q4_0, gen)
+
+
+def _q4_0_block0(hot: npt.NDArray[np.bool_]) -> npt.NDArray[np.uint8]:
+    """Q4_0 blocks (one per row of ``hot``, 32 wide) holding 1.0 where ``hot``, else 0.0.
+
+    Scale ``-1/8`` with nibble 0 gives ``(0 - 8) * -1/8 = 1``, nibble 8 gives 0; a row without a
+    hot element gets scale 0. Element ``j < 16`` is the low nibble of byte ``j``, ``j + 16`` the
+    high one.
+    """
+    n = hot.shape[0]
+    nibbles = np.where(hot, 0, 8).astype(np.uint8)
+    out = np.empty((n, _Q4_0_BLOCK_BYTES), dtype=np.uint8)
+    scale = np.where(hot.any(axis=1), -1.0 / 8, 0.0).astype(np.float16)
+    out[:, :2] = scale.view(np.uint8).reshape(n, 2)
+    out[:, 2:] = nibbles[:, :16] | (nibbles[:, 16:] << 4)
+    return out
+
+
+def _block0_table(
+    seed: int,
+    name: str,
+    n_vocab: int,
+    width: int,
+    hot_rows: Callable[[int, int], npt.NDArray[np.bool_]],
+    *,
+    noise: bool,
+) -> _Tensor:
+    """Q4_0 ``[n_vocab, width]`` table: block 0 of row r is one/multi-hot (``hot_rows(r0, n)``
+    gives the rows ``r0..r0+n-1``); the other blocks small noise (``noise``) or zero."""
+
+    def gen() -> Iterator[npt.NDArray[Any]]:
+        rng = _rng(seed, name)
+        n_blocks = width // _QK4_0
+        step = _rows_per_chunk(n_blocks * _Q4_0_BLOCK_BYTES)
+        for r0 in range(0, n_vocab, step):
+            n = min(step, n_vocab - r0)
+            first = _q4_0_block0(hot_rows(r0, n))
+            if n_blocks == 1:
+                yield first
+                continue
+            if noise:
+                rest = _q4_0_noise(rng, n, n_blocks - 1, 0.1 / math.sqrt(width))
+            else:
+                rest = np.zeros((n, (n_blocks - 1) * _Q4_0_BLOCK_BYTES), dtype=np.uint8)
+            yield np.concatenate([first, rest], axis=1)
+
+    return _Tensor(name, (n_vocab, width), QType.Q4_0, gen)
+
+
+def _code_rows(codes: npt.NDArray[np.int64]) -> Callable[[int, int], npt.NDArray[np.bool_]]:
+    """Rows one-hot at their token's code (an embedding table)."""
+
+    def rows(r0: int, n: int) -> npt.NDArray[np.bool_]:
+        hot = np.zeros((n, _QK4_0), dtype=np.bool_)
+        hot[np.arange(n), codes[r0 : r0 + n]] = True
+        return hot
+
+    return rows
+
+
+def _head_rows(next_of_code: Sequence[int]) -> Callable[[int, int], npt.NDArray[np.bool_]]:
+    """An LM head: the row of token ``next_of_code[i]`` is hot at code ``i``; other rows zero."""
+    by_row: dict[int, list[int]] = {}
+    for code, token in enumerate(next_of_code):
+        by_row.setdefault(token, []).append(code)
+
+    def rows(r0: int, n: int) -> npt.NDArray[np.bool_]:
+        hot = np.zeros((n, _QK4_0), dtype=np.bool_)
+        for token, codes in by_row.items():
+            if r0 <= token < r0 + n:
+                hot[token - r0, codes] = True
+        return hot
+
+    return rows
 
 
 def _vector(seed: int, name: str, n: int, mean: float, rel_noise: float) -> _Tensor:
@@ -390,12 +522,34 @@ def _rope_freqs(s: Shape) -> _Tensor:
     return _constant("rope_freqs.weight", [1.0] * n_rot + [1e30] * (n_pairs - n_rot))
 
 
+def _random_matrix_f32(seed: int, name: str, rows: int, cols: int) -> _Tensor:
+    """A random F32 weight matrix with entries ~ 1/sqrt(cols)."""
+
+    def gen() -> Iterator[npt.NDArray[Any]]:
+        rng = _rng(seed, name)
+        step = max(1, (_CHUNK_BYTES // 4) // cols)
+        for r0 in range(0, rows, step):
+            n = min(step, rows - r0)
+            yield rng.standard_normal((n, cols), dtype=np.float32) / np.float32(math.sqrt(cols))
+
+    return _Tensor(name, (rows, cols), QType.F32, gen)
+
+
 def _block_tensors(
-    seed: int, s: Shape, il: int, *, n_embd: int, n_ff: int, n_head: int, is_swa: bool
+    seed: int,
+    s: Shape,
+    il: int,
+    *,
+    n_embd: int,
+    n_ff: int,
+    n_head: int,
+    is_swa: bool,
+    ffn_f32: bool = False,
 ) -> list[_Tensor]:
     """Tensors every target and assistant block has (K/V ones are added by the caller)."""
     hd = s.head_dim_swa if is_swa else s.head_dim_full
     p = f"blk.{il}."
+    ffn = _random_matrix_f32 if ffn_f32 else _random_matrix
     return [
         _vector(seed, p + "attn_norm.weight", n_embd, 1.0, 0.05),
         _random_matrix(seed, p + "attn_q.weight", n_head * hd, n_embd),
@@ -404,22 +558,41 @@ def _block_tensors(
         _vector(seed, p + "post_attention_norm.weight", n_embd, _BRANCH_NORM, 0.1),
         _constant(p + "layer_output_scale.weight", [1.0]),
         _vector(seed, p + "ffn_norm.weight", n_embd, 1.0, 0.05),
-        _random_matrix(seed, p + "ffn_gate.weight", n_ff, n_embd),
-        _random_matrix(seed, p + "ffn_up.weight", n_ff, n_embd),
-        _random_matrix(seed, p + "ffn_down.weight", n_embd, n_ff),
+        ffn(seed, p + "ffn_gate.weight", n_ff, n_embd),
+        ffn(seed, p + "ffn_up.weight", n_ff, n_embd),
+        ffn(seed, p + "ffn_down.weight", n_embd, n_ff),
         _vector(seed, p + "post_ffw_norm.weight", n_embd, _BRANCH_NORM, 0.1),
     ]
 
 
-def _target_tensors(seed: int, s: Shape, n_vocab: int, favoured: int) -> list[_Tensor]:
+def _codes(cycle: CycleSpec, n_vocab: int) -> npt.NDArray[np.int64]:
+    codes = np.arange(n_vocab, dtype=np.int64) % len(cycle.tokens)
+    codes[list(cycle.tokens)] = np.arange(len(cycle.tokens))
+    return codes
+
+
+def _target_tensors(
+    seed: int, s: Shape, n_vocab: int, favoured: int, cycle: CycleSpec | None = None
+) -> list[_Tensor]:
     n_layer_kv = s.n_layer - s.shared_kv_layers
     seed_t = seed * 2  # target and assistant use distinct streams for equally named tensors
-    out = [_embedding(seed_t, "token_embd.weight", n_vocab, s.n_embd, favoured)]
+    if cycle is None:
+        out = [_embedding(seed_t, "token_embd.weight", n_vocab, s.n_embd, favoured)]
+    else:
+        rows = _code_rows(_codes(cycle, n_vocab))
+        out = [_block0_table(seed_t, "token_embd.weight", n_vocab, s.n_embd, rows, noise=True)]
     for il, is_swa in enumerate(s.swa_pattern):
         hd = s.head_dim_swa if is_swa else s.head_dim_full
         n_kv = s.n_head_kv_swa if is_swa else s.n_head_kv_full
         block = _block_tensors(
-            seed_t, s, il, n_embd=s.n_embd, n_ff=s.n_ff, n_head=s.n_head, is_swa=is_swa
+            seed_t,
+            s,
+            il,
+            n_embd=s.n_embd,
+            n_ff=s.n_ff,
+            n_head=s.n_head,
+            is_swa=is_swa,
+            ffn_f32=s.target_ffn_f32,
         )
         if il < n_layer_kv:  # shared-KV layers have no K/V projections of their own
             p = f"blk.{il}."
@@ -431,6 +604,9 @@ def _target_tensors(seed: int, s: Shape, n_vocab: int, favoured: int) -> list[_T
         out += block
     out.append(_vector(seed_t, "output_norm.weight", s.n_embd, _out_norm(s.n_embd), 0.0))
     out.append(_rope_freqs(s))
+    if cycle is not None:  # an untied head: code i -> the next cycle token
+        head = _head_rows([cycle.target_next(t) for t in cycle.tokens])
+        out.append(_block0_table(seed_t, "output.weight", n_vocab, s.n_embd, head, noise=False))
     return out
 
 
@@ -441,17 +617,36 @@ def _out_norm(n_embd: int) -> float:
 
 
 def _assistant_tensors(
-    seed: int, s: Shape, n_vocab: int, favoured: int, n_embd_out: int
+    seed: int,
+    s: Shape,
+    n_vocab: int,
+    favoured: int,
+    n_embd_out: int,
+    cycle: CycleSpec | None = None,
 ) -> list[_Tensor]:
     seed_a = seed * 2 + 1
     a = s.asst_n_embd
-    out = [
-        # Its LM head (the input embedding is the target's token_embd, read at run time).
-        _embedding(seed_a, "token_embd.weight", n_vocab, a, favoured),
-        # [embedding(target token), h] -> assistant width; output 0 = mean of both dims 0.
-        _routing_matrix(seed_a, "nextn.pre_projection.weight", a, 2 * n_embd_out, [0, n_embd_out]),
-        _routing_matrix(seed_a, "nextn.post_projection.weight", n_embd_out, a, [0]),
-    ]
+    if cycle is not None:
+        # Its head maps the code of the token it is given to its proposal; the pre-projection
+        # copies the code dimensions of that token's (target) embedding, the post-projection
+        # copies them back.
+        head = _head_rows([cycle.drafter_next(t) for t in cycle.tokens])
+        copy = {j: [j] for j in range(len(cycle.tokens))}
+        out = [
+            _block0_table(seed_a, "token_embd.weight", n_vocab, a, head, noise=False),
+            _routing_matrix(seed_a, "nextn.pre_projection.weight", a, 2 * n_embd_out, copy),
+            _routing_matrix(seed_a, "nextn.post_projection.weight", n_embd_out, a, copy),
+        ]
+    else:
+        out = [
+            # Its LM head (the input embedding is the target's token_embd, read at run time).
+            _embedding(seed_a, "token_embd.weight", n_vocab, a, favoured),
+            # [embedding(target token), h] -> assistant width; output 0 = mean of both dims 0.
+            _routing_matrix(
+                seed_a, "nextn.pre_projection.weight", a, 2 * n_embd_out, {0: [0, n_embd_out]}
+            ),
+            _routing_matrix(seed_a, "nextn.post_projection.weight", n_embd_out, a, {0: [0]}),
+        ]
     for il, is_swa in enumerate(s.asst_swa_pattern):
         out += _block_tensors(
             seed_a, s, il, n_embd=a, n_ff=s.asst_n_ff, n_head=s.asst_n_head, is_swa=is_swa
@@ -544,6 +739,30 @@ def _pick_tokens(tokens: Sequence[bytes]) -> tuple[int, int]:
     return agree, disagree
 
 
+def cycle_spec(tokens: Sequence[bytes], *, seed: int, agreement: float) -> CycleSpec:
+    """The cycle of a vocabulary and which codes the drafter gets right.
+
+    Cycle tokens are ordinary lowercase words (never a control or end-of-turn token, which would
+    stop generation), spread over the vocabulary; a vocabulary without enough of them (test
+    tokenizers) uses ids from its middle. ``round(agreement * CYCLE_LEN)`` codes agree: a prefix
+    of one seeded permutation, so a higher agreement agrees on a superset of codes.
+    """
+    if not 0.0 <= agreement <= 1.0:
+        raise ValueError(f"agreement must be within 0..1, got {agreement}")
+    words = [i for i, text in enumerate(tokens) if _CYCLE_WORD.match(text)]
+    if len(words) >= CYCLE_LEN * 4:
+        stride = len(words) // CYCLE_LEN
+        cycle = tuple(words[i * stride] for i in range(CYCLE_LEN))
+    elif len(tokens) >= 2 * CYCLE_LEN + 8:
+        middle = len(tokens) // 2
+        cycle = tuple(range(middle, middle + CYCLE_LEN))
+    else:
+        raise ValueError(f"a vocabulary of {len(tokens)} tokens is too small for a cycle pair")
+    order = np.random.default_rng([seed, 0xC7C1E]).permutation(CYCLE_LEN)
+    agreeing = frozenset(int(code) for code in order[: round(agreement * CYCLE_LEN)])
+    return CycleSpec(cycle, agreeing)
+
+
 def _common_kvs(
     arch: str, name: str, s: Shape, pattern: Sequence[bool], n_head: int
 ) -> list[bytes]:
@@ -610,6 +829,7 @@ def write_pair(
     shape: ShapeName = "tiny",
     mismatched_drafter: bool = False,
     drafter_agrees: bool = True,
+    agreement: float | None = None,
 ) -> SyntheticPair:
     """Write ``gemma4-synthetic-<shape>-target.gguf`` and its assistant drafter into ``out_dir``.
 
@@ -622,35 +842,48 @@ def write_pair(
 
     ``drafter_agrees=False`` writes ``...-assistant-disagreeing.gguf``, a drafter that always
     proposes a different token than the target picks (acceptance 0, the reject path).
+
+    ``agreement=p`` writes a cycle pair instead (see the module doc):
+    ``...-cycle-target.gguf`` (the same for every p) and ``...-cycle-assistant-agree<100p>.gguf``,
+    whose drafts are accepted with probability p per position.
     """
     if seed < 0:
         raise ValueError("seed must be >= 0")
+    if agreement is not None and not drafter_agrees:
+        raise ValueError("give either agreement or drafter_agrees=False, not both")
     s = shape_spec(shape)
     _check_shape(s)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok_records, tokens = _tokenizer_records(tokenizer_from)
     agree, disagree = _pick_tokens(tokens)
+    cycle = None if agreement is None else cycle_spec(tokens, seed=seed, agreement=agreement)
+    kind = "" if cycle is None else "-cycle"
 
-    target = out_dir / f"gemma4-synthetic-{shape}-target.gguf"
+    target = out_dir / f"gemma4-synthetic-{shape}{kind}-target.gguf"
     _write_gguf(
         target,
         [*_target_kvs(shape, s), *tok_records],
-        _target_tensors(seed, s, len(tokens), agree),
+        _target_tensors(seed, s, len(tokens), agree, cycle),
     )
 
     n_embd_out = s.n_embd + (_QK4_0 if mismatched_drafter else 0)
     suffix = "".join(
         part
-        for part, on in (("-mismatched", mismatched_drafter), ("-disagreeing", not drafter_agrees))
+        for part, on in (
+            (f"-agree{round(100 * (agreement or 0)):02d}", cycle is not None),
+            ("-mismatched", mismatched_drafter),
+            ("-disagreeing", not drafter_agrees),
+        )
         if on
     )
-    drafter = out_dir / f"gemma4-synthetic-{shape}-assistant{suffix}.gguf"
+    drafter = out_dir / f"gemma4-synthetic-{shape}{kind}-assistant{suffix}.gguf"
+    favoured = agree if drafter_agrees else disagree
     _write_gguf(
         drafter,
         [*_assistant_kvs(shape, s, n_embd_out), *tok_records],
-        _assistant_tensors(seed, s, len(tokens), agree if drafter_agrees else disagree, n_embd_out),
+        _assistant_tensors(seed, s, len(tokens), favoured, n_embd_out, cycle),
     )
-    return SyntheticPair(target=target, drafter=drafter)
+    return SyntheticPair(target=target, drafter=drafter, cycle=cycle)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -661,11 +894,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--tokenizer-from", type=Path, required=True, metavar="GGUF")
-    parser.add_argument("--shape", choices=["tiny", "12b"], default="tiny")
+    parser.add_argument("--shape", choices=["tiny", "cpu", "12b"], default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mismatched", action="store_true", help="drafter with wrong n_embd_out")
     parser.add_argument(
         "--disagreeing", action="store_true", help="drafter that never matches the target"
+    )
+    parser.add_argument(
+        "--agreement",
+        type=float,
+        metavar="P",
+        help="a cycle pair whose drafter proposes the target's greedy token with probability P "
+        "(0..1), e.g. 0.3, 0.6, 0.9",
     )
     args = parser.parse_args(argv)
     pair = write_pair(
@@ -675,7 +915,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         shape=args.shape,
         mismatched_drafter=args.mismatched,
         drafter_agrees=not args.disagreeing,
+        agreement=args.agreement,
     )
+    if pair.cycle is not None:
+        sys.stdout.write(f"agreement {pair.cycle.agreement:.4f} over {CYCLE_LEN} cycle tokens\n")
     for path in (pair.target, pair.drafter):
         sys.stdout.write(f"{path}  sha256={sha256_file(path)}\n")
     return 0

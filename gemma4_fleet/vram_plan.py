@@ -23,7 +23,14 @@ Rules worth knowing:
 * an instance without a GPU runs on the CPU (the unit hides every GPU from it): a fixed ctx is
   only checked against n_ctx_train, and ``auto`` means ``min(n_ctx_train, CPU_AUTO_CTX)`` tokens
   per slot (there is no VRAM to fill, and host RAM is not planned here);
-* nvidia-smi's ``memory.used`` is ignored: on a redeploy it counts the running servers.
+* nvidia-smi's ``memory.used`` is ignored: on a redeploy it counts the running servers;
+* ``cache_type_k/v: auto`` (the default) takes the fastest KV type that fits the GPU at the
+  wanted ctx: the instance's ``kv_order`` (measured by ``gemma4-fleet tune``) or
+  ``AUTO_KV_ORDER`` (f16, then q8_0); when none fits, the last one is planned and refused with
+  the breakdown. Instances sharing a GPU choose in host-data order, each assuming the later ones
+  take their smallest type. With ``ctx_size: auto`` the fastest type is taken and ctx sized with
+  it. On the CPU (KV in host RAM, not planned) it is the first type of the order. Draft cache
+  types ``auto`` follow the target's.
 
 Every error is a :class:`~gemma4_fleet.config.ConfigError` whose lines read
 ``host <name>: <host-data field>: <what>``; a refused fit carries the full breakdown in MiB.
@@ -38,7 +45,15 @@ from typing import Any, Literal
 
 from gemma4_fleet.chat_template import ChatTemplateUse, chat_template_use
 from gemma4_fleet.common import cache_dir
-from gemma4_fleet.config import ConfigError, GpuService, HostConfig, Instance, ModelFile
+from gemma4_fleet.config import (
+    AUTO_KV_ORDER,
+    ConfigError,
+    GpuService,
+    HostConfig,
+    Instance,
+    ModelFile,
+    is_quantized_kv,
+)
 from gemma4_fleet.facts import Gpu
 from gemma4_fleet.gguf_meta import ModelMeta, ModelMetaError, read_meta, read_meta_url
 from gemma4_fleet.memory_model import (
@@ -102,6 +117,15 @@ class InstancePlan:
     gpu_name: str | None = None
     model_id: str | None = None  # what /v1/models lists (--alias)
     chat: ChatTemplateUse | None = None  # the template /v1/chat/completions will use
+    # KV cache types as planned (auto resolved): target K, V, drafter K, V; and why.
+    cache_types: tuple[str, str, str, str] = ("f16", "f16", "f16", "f16")
+    kv_reason: str = ""
+
+    @property
+    def kv_label(self) -> str:
+        """The target's KV type as the table shows it ("q8_0", or "q8_0/f16" for K/V)."""
+        k, v = self.cache_types[:2]
+        return k if k == v else f"{k}/{v}"
 
     @property
     def gpu_label(self) -> str:
@@ -149,6 +173,11 @@ class InstancePlan:
             "budget_source": self.budget_source,
             "ctx_size": self.ctx_size,
             "ctx": self.ctx,
+            "cache_type_k": self.cache_types[0],
+            "cache_type_v": self.cache_types[1],
+            "cache_type_k_draft": self.cache_types[2],
+            "cache_type_v_draft": self.cache_types[3],
+            "kv_reason": self.kv_reason,
             "fits": self.fits,
             "bytes": {
                 "budget": self.budget,
@@ -177,18 +206,35 @@ class HostPlan:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_name", {row.instance: row for row in self.instances})
 
-    def ctx_for(self, instance_name: str) -> int:
-        """The --ctx-size of an instance (the configured one, or what "auto" chose)."""
+    def _row(self, instance_name: str) -> InstancePlan:
         try:
-            return self.instance_plan(instance_name).ctx
+            return self.instance_plan(instance_name)
         except KeyError:
             raise ConfigError(
                 f"host {self.host}: no planned instance named {instance_name!r} "
                 f"(have: {', '.join(self._by_name)})"
             ) from None
 
+    def ctx_for(self, instance_name: str) -> int:
+        """The --ctx-size of an instance (the configured one, or what "auto" chose)."""
+        return self._row(instance_name).ctx
+
     def instance_plan(self, instance_name: str) -> InstancePlan:
         return self._by_name[instance_name]
+
+    def settle(self, inst: Instance) -> Instance:
+        """The instance as it will run: planned ctx and KV cache types instead of "auto"."""
+        row = self._row(inst.name)
+        k, v, kd, vd = row.cache_types
+        return inst.model_copy(
+            update={
+                "ctx_size": row.ctx,
+                "cache_type_k": k,
+                "cache_type_v": v,
+                "cache_type_k_draft": kd,
+                "cache_type_v_draft": vd,
+            }
+        )
 
     @property
     def fits(self) -> bool:
@@ -213,7 +259,7 @@ class HostPlan:
     def table(self) -> str:
         """A compact table in MiB, then one line per GPU: what it is, budget source, tenants."""
         head: tuple[str, ...] = ("instance", "GPU", "budget", "weights", "KV", "compute")
-        head += ("overhead", "tenants", "headroom", "free", "ctx", "fits")
+        head += ("overhead", "tenants", "headroom", "free", "ctx", "cache", "fits")
         rows: list[tuple[str, ...]] = [head]
         notes: dict[str, str] = {}
         for r in self.instances:
@@ -232,6 +278,7 @@ class HostPlan:
                     _num(r.headroom if gpu else None),
                     _num(r.free),
                     ctx,
+                    r.kv_label,
                     ("yes" if r.fits else "NO") if gpu else "-",
                 )
             )
@@ -256,11 +303,12 @@ class HostPlan:
         lines = [f"host {self.host} (MiB)"]
         for row in rows:
             cells = [
-                cell.ljust(width) if i in (0, 1, 11) else cell.rjust(width)
+                cell.ljust(width) if i in (0, 1, 11, 12) else cell.rjust(width)
                 for i, (cell, width) in enumerate(zip(row, widths, strict=True))
             ]
             lines.append("  " + "  ".join(cells).rstrip())
         lines += [f"  {note}" for note in notes.values()]
+        lines += [f"  KV {r.instance}: {r.kv_label}: {r.kv_reason}" for r in self.instances]
         return "\n".join(lines)
 
 
@@ -320,6 +368,41 @@ def memoized(meta_for: MetaFor) -> MetaFor:
 class _Models:
     target: ModelMeta
     drafter: ModelMeta | None
+
+
+_KV_FIELDS = ("cache_type_k", "cache_type_v", "cache_type_k_draft", "cache_type_v_draft")
+
+
+def kv_is_chosen(inst: Instance) -> bool:
+    """Whether the planner picks the target's KV type (cache_type_k or _v is "auto")."""
+    return "auto" in (inst.cache_type_k, inst.cache_type_v)
+
+
+def kv_candidates(inst: Instance) -> list[str]:
+    """The KV types "auto" tries, fastest first (a quantized V cache needs flash attention)."""
+    order: list[str] = list(inst.kv_order or AUTO_KV_ORDER)
+    if inst.flash_attn == "off":
+        order = [t for t in order if not is_quantized_kv(t)] or ["f16"]
+    return order
+
+
+def with_kv(inst: Instance, kv: str) -> Instance:
+    """The instance with its "auto" target types set to ``kv``; "auto" draft types follow the
+    target's."""
+    k = kv if inst.cache_type_k == "auto" else inst.cache_type_k
+    v = kv if inst.cache_type_v == "auto" else inst.cache_type_v
+    kd = k if inst.cache_type_k_draft == "auto" else inst.cache_type_k_draft
+    vd = v if inst.cache_type_v_draft == "auto" else inst.cache_type_v_draft
+    return inst.model_copy(update=dict(zip(_KV_FIELDS, (k, v, kd, vd), strict=True)))
+
+
+def _cache_types(inst: Instance) -> tuple[str, str, str, str]:
+    return (inst.cache_type_k, inst.cache_type_v, inst.cache_type_k_draft, inst.cache_type_v_draft)
+
+
+def _order_text(inst: Instance) -> str:
+    source = "measured order, tuned profile" if inst.kv_order else "default order"
+    return f"{' > '.join(kv_candidates(inst))}, {source}"
 
 
 def _planned_layers(value: int | str) -> GpuLayers:
@@ -383,6 +466,7 @@ class _Host:
         self.config = config
         self.gpus = gpus  # configured GPU reference -> the host's GPU, where nvidia-smi told
         self.errors: list[str] = []
+        self.kv_reasons: dict[str, str] = {}
 
     def error(self, field_path: str, message: str) -> None:
         self.errors.append(f"host {self.name}: {field_path}: {message}")
@@ -445,6 +529,12 @@ class _Host:
         return True
 
     def cpu_row(self, inst: Instance, models: _Models) -> InstancePlan:
+        if kv_is_chosen(inst):
+            first = kv_candidates(inst)[0]
+            reason = f"auto: the first of {_order_text(inst)} (CPU: KV in host RAM, not planned)"
+        else:
+            first, reason = "f16", "set in host data"
+        inst = with_kv(inst, first)
         if inst.ctx_size == "auto":
             per_slot = min(models.target.context_length, CPU_AUTO_CTX) // CTX_PAD * CTX_PAD
             ctx = per_slot * inst.parallel
@@ -465,7 +555,16 @@ class _Host:
                 type_v=cache.type_v,
                 flash_attn=cache.flash_attn,
             ).total
-        return InstancePlan(inst.name, None, inst.ctx_size, ctx, weights, kv)
+        return InstancePlan(
+            inst.name,
+            None,
+            inst.ctx_size,
+            ctx,
+            weights,
+            kv,
+            cache_types=_cache_types(inst),
+            kv_reason=reason,
+        )
 
     def budget_of(self, inst: Instance, ref: str) -> tuple[int, str] | None:
         gpu = self.gpus.get(ref)
@@ -553,6 +652,8 @@ class _Host:
                     gpu_index=gpu.index if gpu else None,
                     gpu_uuid=gpu.uuid if gpu else None,
                     gpu_name=gpu.name if gpu else None,
+                    cache_types=_cache_types(inst),
+                    kv_reason=self.kv_reasons.get(inst.name, "set in host data"),
                 )
             )
         failing = next((r for r in rows if not r.fits), None)
@@ -561,6 +662,46 @@ class _Host:
                 failing = next(r for r in rows if r.ctx_size == "auto")
             self.refuse(failing, insts, models, source)
         return rows
+
+    def choose_kv(
+        self, key: str, insts: list[Instance], models: Mapping[str, _Models]
+    ) -> list[Instance]:
+        """The instances of one GPU with their "auto" KV types chosen (see the module doc)."""
+        chosen = {i.name: with_kv(i, "f16") for i in insts if not kv_is_chosen(i)}
+        pending = [i for i in insts if kv_is_chosen(i)]
+        for n, inst in enumerate(pending):
+            later = {o.name: with_kv(o, kv_candidates(o)[-1]) for o in pending[n + 1 :]}
+            candidates = kv_candidates(inst)
+            short: list[str] = []
+            for kv in candidates:
+                trial = with_kv(inst, kv)
+                group = [
+                    trial if i.name == inst.name else chosen.get(i.name) or later[i.name]
+                    for i in insts
+                ]
+                missing = self._shortfall(key, group, models)
+                if missing is None:
+                    break
+                short.append(f"{kv} needs {_mib(missing)} more")
+            chosen[inst.name] = trial
+            if not short:
+                why = f"auto: the fastest of {_order_text(inst)}, fits"
+            elif len(short) < len(candidates):
+                why = f"auto: {'; '.join(short)}; {kv} fits ({_order_text(inst)})"
+            else:
+                why = f"auto: none of {_order_text(inst)} fits ({'; '.join(short)})"
+            self.kv_reasons[inst.name] = why
+        return [chosen[i.name] for i in insts]
+
+    def _shortfall(
+        self, key: str, insts: list[Instance], models: Mapping[str, _Models]
+    ) -> int | None:
+        """Bytes the GPU lacks for these instances; None when they fit (or fail for reasons
+        other than the fit, which the real pass reports)."""
+        probe = _Host(self.name, self.config, self.gpus)
+        rows = probe.plan_gpu_group(key, insts, models)
+        failing = [r.free for r in rows if r.free is not None and r.free < 0]
+        return -min(failing) if failing else None
 
     def _services_on(self, key: str) -> list[GpuService]:
         return [svc for svc in self.config.gpu_services if self.gpu_key(svc.gpu) == key]
@@ -573,6 +714,8 @@ class _Host:
         source: str,
     ) -> None:
         inst = next(i for i in insts if i.name == row.instance)
+        if row.kv_reason.startswith("auto"):
+            row = replace(row, budget_source=f"{source}; KV {row.kv_label}: {row.kv_reason}")
         budget = row.budget or 0
         left = budget - row.headroom - row.tenants_bytes - row.overhead
         if row.weights > left:
@@ -629,7 +772,7 @@ def plan_host(
         by_gpu.setdefault(host.gpu_key(inst.gpu), []).append(inst)
     for key, insts in by_gpu.items():
         try:
-            rows += host.plan_gpu_group(key, insts, models)
+            rows += host.plan_gpu_group(key, host.choose_kv(key, insts, models), models)
         except PlanError as exc:
             names = ", ".join(f"llama_instances[{i.name}]" for i in insts)
             host.error(names, str(exc))

@@ -44,7 +44,7 @@ dump: dict[str, object] = {
     "instances": [],
 }
 for inst in config.instances:
-    argv = server_argv(config, inst, ctx_size=plan.ctx_for(inst.name))
+    argv = server_argv(config, plan.settle(inst))
     g4f.flags_known(
         name=f"{inst.unit}: flags known to the build",
         binary=config.server_binary,

@@ -104,7 +104,7 @@ def instance_unit(
     """
     config = setup.config
     uuid = setup.gpu_uuid(inst.gpu)
-    argv = server_argv(config, inst, ctx_size=setup.plan.ctx_for(inst.name))
+    argv = server_argv(config, setup.plan.settle(inst))
     g4f.flags_known(
         name=f"{inst.unit}: flags known to the build",
         binary=config.server_binary,

@@ -35,6 +35,9 @@ Checks, in order:
    `reasoning_content` when `max_tokens` ran out is noted, not failed.
 6. `--min-tps` / `--min-acceptance`: each failed check adds a reason; any reason makes
    the status `fail`.
+7. `--baseline-tps` / `--baseline-acceptance` (the instance's tuned figures, measured by
+   `gemma4-fleet tune` on the same prompts and n_predict) with `--regression F`: a run
+   below F times a baseline is a regression; it fails with both figures in the reason.
 
 Per-position acceptance: in llama-server `llamacpp:spec_decode_num_drafts_total` counts
 draft *verification steps*, and
@@ -72,6 +75,10 @@ value was not measured.
 | `gemma4_smoke_min_acceptance_ratio` | `--min-acceptance`, when given |
 | `gemma4_smoke_build_info` | Always 1; labels `build` (`/props` `build_info`, e.g. |
 | | `b1-0c1e570`) and `commit` |
+| `gemma4_smoke_baseline_tokens_per_second` | The tuned baseline tok/s compared against |
+| `gemma4_smoke_baseline_acceptance_ratio` | The tuned baseline acceptance compared against |
+| `gemma4_smoke_regressed` | 1 if tok/s or acceptance fell below the regression fraction |
+| | of its baseline (only with a baseline) |
 | `gemma4_smoke_duration_seconds` | Wall time of the smoke check, seconds |
 | `gemma4_smoke_last_run_timestamp_seconds` | Unix time at which the check finished |
 
@@ -237,6 +244,10 @@ class Report:
     tokens_per_second: float | None = None
     acceptance: float | None = None
     acceptance_by_position: list[float] | None = None
+    baseline_tps: float | None = None
+    baseline_acceptance: float | None = None
+    regression: float | None = None
+    regressed: bool | None = None  # None: no baseline, or nothing measured
     notes: list[str] = field(default_factory=list)
     duration_seconds: float = 0.0
     finished_at: float = 0.0
@@ -517,6 +528,28 @@ def threshold_reasons(
     return reasons
 
 
+def regression_reasons(
+    tps: float | None,
+    acceptance: float | None,
+    baseline_tps: float | None,
+    baseline_acceptance: float | None,
+    fraction: float,
+) -> list[str]:
+    """A reason per figure below ``fraction`` of its tuned baseline, with both figures."""
+    reasons: list[str] = []
+    for what, value, base, unit in (
+        ("throughput", tps, baseline_tps, " tok/s"),
+        ("acceptance", acceptance, baseline_acceptance, ""),
+    ):
+        if value is None or base is None or base <= 0 or value >= fraction * base:
+            continue
+        reasons.append(
+            f"regression: {what} {value:.3g}{unit} is {value / base:.0%} of the tuned baseline "
+            f"{base:.3g}{unit} (below {fraction:.0%})"
+        )
+    return reasons
+
+
 def decide_status(failures: Sequence[str], busy: bool) -> tuple[str, list[str]]:
     """Failures win over busy; busy alone gives ``skipped`` with reason ``busy``."""
     if failures:
@@ -553,6 +586,12 @@ def report_to_dict(report: Report) -> dict[str, Any]:
         "prompts": [asdict(p) for p in report.prompts],
         "acceptance": report.acceptance,
         "acceptance_by_position": report.acceptance_by_position,
+        "baseline": {
+            "tokens_per_second": report.baseline_tps,
+            "acceptance": report.baseline_acceptance,
+            "regression": report.regression,
+            "regressed": report.regressed,
+        },
         "notes": list(report.notes),
         "duration_seconds": report.duration_seconds,
         "finished_at": report.finished_at,
@@ -666,6 +705,22 @@ def prometheus_registry(report: Report) -> CollectorRegistry:
             "build_info",
             "llama-server build reported by /props (always 1).",
             [({"build": report.build_info, "commit": commit or ""}, 1.0)],
+        )
+    family(
+        "baseline_tokens_per_second",
+        "Tuned baseline tokens per second the smoke check compares against.",
+        one(report.baseline_tps),
+    )
+    family(
+        "baseline_acceptance_ratio",
+        "Tuned baseline draft acceptance the smoke check compares against.",
+        one(report.baseline_acceptance),
+    )
+    if report.regressed is not None:
+        family(
+            "regressed",
+            "1 if tok/s or acceptance fell below the regression fraction of its tuned baseline.",
+            one(float(report.regressed)),
         )
     family(
         "duration_seconds", "Wall time of the smoke check, seconds.", one(report.duration_seconds)
@@ -982,6 +1037,9 @@ class Config:
     api_key: str | None = None
     min_tps: float | None = None
     min_acceptance: float | None = None
+    baseline_tps: float | None = None
+    baseline_acceptance: float | None = None
+    regression: float = 0.8
     n_predict: int = DEFAULT_N_PREDICT
     health_timeout: float = 120.0
     busy_wait: float = 5.0
@@ -1001,6 +1059,9 @@ def run_smoke(cfg: Config, client: HttpClient | None = None) -> Report:
         n_predict=cfg.n_predict,
         min_tps=cfg.min_tps,
         min_acceptance=cfg.min_acceptance,
+        baseline_tps=cfg.baseline_tps,
+        baseline_acceptance=cfg.baseline_acceptance,
+        regression=cfg.regression if cfg.baseline_tps or cfg.baseline_acceptance else None,
     )
     failures: list[str] = []
     busy = False
@@ -1094,6 +1155,16 @@ def run_smoke(cfg: Config, client: HttpClient | None = None) -> Report:
                     cfg.min_acceptance,
                 )
             )
+            if report.regression is not None:
+                regressions = regression_reasons(
+                    report.tokens_per_second,
+                    report.acceptance,
+                    cfg.baseline_tps,
+                    cfg.baseline_acceptance,
+                    report.regression,
+                )
+                report.regressed = bool(regressions)
+                failures.extend(regressions)
 
     report.status, report.reasons = decide_status(failures, busy)
     report.duration_seconds = round(time.monotonic() - t0, 3)
@@ -1138,6 +1209,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key-file", help="file holding the server's API key")
     p.add_argument("--min-tps", type=_positive_float, help="minimum median tokens/s")
     p.add_argument("--min-acceptance", type=float, help="minimum draft acceptance (0..1)")
+    p.add_argument("--baseline-tps", type=_positive_float, help="tuned baseline median tok/s")
+    p.add_argument("--baseline-acceptance", type=float, help="tuned baseline acceptance (0..1)")
+    p.add_argument(
+        "--regression",
+        type=_positive_float,
+        default=0.8,
+        help="fail below this fraction of a baseline (default 0.8)",
+    )
     p.add_argument("--n-predict", type=_positive_int, default=DEFAULT_N_PREDICT)
     p.add_argument("--health-timeout", type=_positive_float, default=120.0, help="seconds")
     p.add_argument("--busy-wait", type=float, default=5.0, help="seconds to wait for an idle slot")
@@ -1175,6 +1254,10 @@ def config_from_args(ns: argparse.Namespace) -> Config:
         raise _UsageError("--gpu needs --pid (or --unit of a running server)")
     if ns.min_acceptance is not None and not 0 <= ns.min_acceptance <= 1:
         raise _UsageError("--min-acceptance must be within 0..1")
+    if ns.baseline_acceptance is not None and not 0 <= ns.baseline_acceptance <= 1:
+        raise _UsageError("--baseline-acceptance must be within 0..1")
+    if ns.regression > 1:
+        raise _UsageError("--regression must be a fraction within 0..1")
     if ns.busy_wait < 0:
         raise _UsageError("--busy-wait must be >= 0")
     api_key = None
@@ -1196,6 +1279,9 @@ def config_from_args(ns: argparse.Namespace) -> Config:
         api_key=api_key,
         min_tps=ns.min_tps,
         min_acceptance=ns.min_acceptance,
+        baseline_tps=ns.baseline_tps,
+        baseline_acceptance=ns.baseline_acceptance,
+        regression=ns.regression,
         n_predict=ns.n_predict,
         health_timeout=ns.health_timeout,
         busy_wait=ns.busy_wait,

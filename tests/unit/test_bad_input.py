@@ -272,7 +272,9 @@ ROWS: dict[str, Row] = {
     "unknown cache type": row({"llama_server.cache_type_k": "q9_0"}, f"{I}.cache_type_k", "q8_0"),
     "port out of range": row({"llama_server.port": 70000}, f"{I}.port", "65535"),
     "quantized V without flash attention": row(
-        {"llama_server.flash_attn": "off"}, I, "needs flash_attn on"
+        {"llama_server.flash_attn": "off", "llama_server.cache_type_v": "q8_0"},
+        I,
+        "needs flash_attn on",
     ),
     "cmake flag with a space": row(
         {"llamacpp_build.cmake_flags": ["-DX=a b"]}, "llamacpp_build.cmake_flags[0]", "pattern"

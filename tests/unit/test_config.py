@@ -42,8 +42,10 @@ def test_defaults_are_the_seed_003_recipe() -> None:
     assert config.llamacpp.commit == "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
     assert config.llamacpp.git_url == "https://github.com/ggml-org/llama.cpp.git"
     assert (inst.spec_type, inst.draft_n_max, inst.parallel, inst.fit) == ("draft-mtp", 3, 1, False)
-    assert (inst.cache_type_k, inst.cache_type_v) == ("q8_0", "q8_0")
-    assert (inst.cache_type_k_draft, inst.cache_type_v_draft) == ("q8_0", "q8_0")
+    # KV types: chosen by the plan (f16 where it fits, else q8_0); drafts follow the target
+    assert (inst.cache_type_k, inst.cache_type_v) == ("auto", "auto")
+    assert (inst.cache_type_k_draft, inst.cache_type_v_draft) == ("auto", "auto")
+    assert inst.kv_order is None
     assert (inst.flash_attn, inst.jinja, inst.gpu_layers) == ("on", True, "all")
     assert inst.unit == "llama-server-gemma4.service"
 
@@ -90,7 +92,11 @@ def test_parallel_mtp_is_refused_without_the_override() -> None:
             "q8_0",
         ),
         ({"llama_server": {"port": 70000}}, "llama_instances[gemma4].port", "65535"),
-        ({"llama_server": {"flash_attn": "off"}}, "llama_instances[gemma4]", "needs flash_attn"),
+        (
+            {"llama_server": {"flash_attn": "off", "cache_type_v": "q8_0"}},
+            "llama_instances[gemma4]",
+            "needs flash_attn",
+        ),
         (
             {"llamacpp_build": {"cuda": True, "cmake_flags": ["-DX=a b"]}},
             "llamacpp_build.cmake_flags[0]",

@@ -19,6 +19,7 @@ from gemma4_fleet.render import (
     server_argv,
     systemd_escape,
 )
+from gemma4_fleet.vram_plan import with_kv
 from tests.unit.test_config import SHA, host_data
 
 pytestmark = pytest.mark.unit
@@ -28,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_seed_003_recipe_argv_exactly() -> None:
     config = parse_host_config("box4090", host_data())
-    argv = server_argv(config, config.instances[0])
+    # cache types "auto": the plan picks q8_0 for 256k on a 24 GB card (tests/unit/test_plan.py)
+    argv = server_argv(config, with_kv(config.instances[0], "q8_0"))
     build = f"/opt/llama.cpp/builds/{config.build_id}"
     assert argv == [
         f"{build}/bin/llama-server",
@@ -84,15 +86,24 @@ def test_planned_ctx_replaces_auto() -> None:
     config = parse_host_config("box1", data)
     with pytest.raises(ConfigError, match="ctx_size auto needs a VRAM plan"):
         server_argv(config, config.instances[0])
-    argv = server_argv(config, config.instances[0], ctx_size=65536)
+    with pytest.raises(ConfigError, match="cache type auto needs a VRAM plan"):
+        server_argv(config, config.instances[0], ctx_size=65536)
+    argv = server_argv(config, with_kv(config.instances[0], "f16"), ctx_size=65536)
     assert argv[argv.index("--ctx-size") + 1] == "65536"
+    for flag in (
+        "--cache-type-k",
+        "--cache-type-v",
+        "--cache-type-k-draft",
+        "--cache-type-v-draft",
+    ):
+        assert argv[argv.index(flag) + 1] == "f16"
 
 
 def test_help_of_the_pinned_build_knows_every_recipe_flag() -> None:
     """Recorded `llama-server --help` of commit 0c1e570 (CPU build)."""
     known = parse_help_flags((DATA / "llama-server-help-0c1e570.txt").read_text())
     config = parse_host_config("box1", host_data())
-    assert set(flag_names(server_argv(config, config.instances[0]))) <= known
+    assert set(flag_names(server_argv(config, with_kv(config.instances[0], "q8_0")))) <= known
     assert {"-fit", "--fit", "-fa", "--flash-attn", "-ctkd", "--spec-draft-type-k"} <= known
     # Removed at this pin (older recipes still use them): the server aborts on them.
     assert "--draft-max" not in known
@@ -153,7 +164,7 @@ def test_rendered_units_with_hostile_values_pass_systemd_analyze(tmp_path: Path)
             ],
         }
     )
-    inst = config.instances[0]
+    inst = with_kv(config.instances[0], "q8_0")  # as a plan settles "auto"
     binary = Path(config.server_binary)
     binary.parent.mkdir(parents=True)
     binary.write_text("#!/bin/sh\n")

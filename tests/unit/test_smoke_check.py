@@ -617,6 +617,35 @@ def test_run_smoke_fail_reasons(replay: tuple[Replay, str]) -> None:
     assert samples[("gemma4_smoke_min_tokens_per_second", (("instance_name", "replay"),))] == 1000
 
 
+def test_regression_against_the_tuned_baseline_fails_with_the_figures(
+    replay: tuple[Replay, str],
+) -> None:
+    # The replayed run: 29.68 tok/s median, acceptance 301/318 = 0.947.
+    _, url = replay
+    report = sc.run_smoke(config(url, baseline_tps=40.0, baseline_acceptance=0.95))
+    assert report.status == "fail" and report.regressed is True
+    # 29.68 / 40 = 74 % < 80 %; acceptance 0.947 / 0.95 = 99.6 % is fine
+    assert report.reasons == [
+        "regression: throughput 29.7 tok/s is 74% of the tuned baseline 40 tok/s (below 80%)"
+    ]
+    samples = samples_of(sc.render_prometheus(report))
+    labels = (("instance_name", "replay"),)
+    assert samples[("gemma4_smoke_baseline_tokens_per_second", labels)] == 40
+    assert samples[("gemma4_smoke_baseline_acceptance_ratio", labels)] == 0.95
+    assert samples[("gemma4_smoke_regressed", labels)] == 1
+    assert sc.report_to_dict(report)["baseline"]["regressed"] is True
+
+
+def test_regression_reasons() -> None:
+    assert sc.regression_reasons(29.68, 0.9465, 30.0, 0.95, 0.8) == []
+    assert sc.regression_reasons(29.68, 0.9465, None, 1.0, 0.99) == [
+        "regression: acceptance 0.947 is 95% of the tuned baseline 1 (below 99%)"
+    ]
+    assert sc.regression_reasons(None, None, 30.0, 0.9, 0.8) == []  # nothing measured
+    no_baseline = sc.Report(instance="x", url="http://h")
+    assert "gemma4_smoke_regressed" not in sc.render_prometheus(no_baseline)
+
+
 def test_run_smoke_busy_is_skipped(replay: tuple[Replay, str]) -> None:
     state, url = replay
     state.busy = True

@@ -275,3 +275,84 @@ def test_cli_prints_paths_and_sha256(
         path, digest = line.split("  sha256=")
         assert Path(path) == tmp_path / name
         assert digest == sha256(Path(path))
+
+
+# --- cycle pairs (issue 14: a drafter with a chosen agreement) ---------------------------------
+# The fake vocabulary has no "\u2581word" tokens, so the cycle is the 32 ids from its middle:
+# 512..543, code i = id 512 + i (worked out from the rule in cycle_spec's docstring, not taken
+# from the code under test).
+CYCLE = list(range(FAKE_VOCAB // 2, FAKE_VOCAB // 2 + 32))
+
+
+def rms_normed(x: np.ndarray) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x) + 1e-6)
+
+
+def greedy_of_weights(pair: SyntheticPair) -> tuple[dict[int, int], dict[int, int]]:
+    """Token -> greedy next token of the target head and of the drafter, from the written weights:
+    embedding * sqrt(n_embd) -> (pre-projection) -> RMS norm -> head, with the random blocks left
+    out (their branches are scaled down to noise, see the module doc)."""
+    tr, ar = GGUFReader(pair.target), GGUFReader(pair.drafter)
+    embd = dequantized(tr, "token_embd.weight")
+    head = dequantized(tr, "output.weight")
+    pre = dequantized(ar, "nextn.pre_projection.weight")
+    dhead = dequantized(ar, "token_embd.weight")
+    n_embd = embd.shape[1]
+    rng = np.random.default_rng(7)
+    target, drafter = {}, {}
+    for token in [*CYCLE, 3, 100, 777, 1023]:
+        x = embd[token] * np.sqrt(n_embd)
+        target[token] = int(np.argmax(head @ rms_normed(x)))
+        hidden = rng.standard_normal(n_embd)  # the target's hidden state: must not matter
+        drafter[token] = int(np.argmax(dhead @ rms_normed(pre @ np.concatenate([x, hidden]))))
+    return target, drafter
+
+
+@pytest.mark.parametrize("agreement", [0.3, 0.6, 0.9])
+def test_cycle_pair_drafter_agrees_with_the_chosen_probability(
+    fake_tokenizer: Path, tmp_path: Path, agreement: float
+) -> None:
+    pair = write_pair(tmp_path, tokenizer_from=fake_tokenizer, agreement=agreement)
+    assert pair.target.name == "gemma4-synthetic-tiny-cycle-target.gguf"
+    assert (
+        pair.drafter.name
+        == f"gemma4-synthetic-tiny-cycle-assistant-agree{agreement * 100:.0f}.gguf"
+    )
+    target, drafter = greedy_of_weights(pair)
+    # The target walks the cycle: 512 -> 513 -> ... -> 543 -> 512, whatever the context.
+    for i, token in enumerate(CYCLE):
+        assert target[token] == CYCLE[(i + 1) % 32]
+    # Other tokens enter the cycle at their id mod 32.
+    assert target[100] == CYCLE[(100 % 32 + 1) % 32]
+    # The drafter proposes the target's next token on round(p * 32) of the 32 cycle tokens ...
+    right = [t for t in CYCLE if drafter[t] == target[t]]
+    assert len(right) == round(agreement * 32)
+    # ... and a wrong proposal is still a cycle token (one step too far).
+    for i, token in enumerate(CYCLE):
+        assert drafter[token] in (CYCLE[(i + 1) % 32], CYCLE[(i + 2) % 32])
+
+
+def test_cycle_pairs_share_the_target_nest_their_agreement_and_are_deterministic(
+    fake_tokenizer: Path, tmp_path: Path
+) -> None:
+    low = write_pair(tmp_path / "low", tokenizer_from=fake_tokenizer, agreement=0.3)
+    high = write_pair(tmp_path / "high", tokenizer_from=fake_tokenizer, agreement=0.9)
+    again = write_pair(tmp_path / "again", tokenizer_from=fake_tokenizer, agreement=0.9)
+    assert sha256(low.target) == sha256(high.target) == sha256(again.target)
+    assert sha256(high.drafter) == sha256(again.drafter) != sha256(low.drafter)
+    target, low_drafter = greedy_of_weights(low)
+    _, high_drafter = greedy_of_weights(high)
+    low_right = {t for t in CYCLE if low_drafter[t] == target[t]}
+    high_right = {t for t in CYCLE if high_drafter[t] == target[t]}
+    assert low_right < high_right
+    other_seed = write_pair(
+        tmp_path / "seed1", tokenizer_from=fake_tokenizer, seed=1, agreement=0.9
+    )
+    assert sha256(other_seed.drafter) != sha256(high.drafter)
+
+
+def test_cycle_pair_refuses_a_bad_agreement(fake_tokenizer: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"agreement must be within 0\.\.1"):
+        write_pair(tmp_path, tokenizer_from=fake_tokenizer, agreement=1.5)
+    with pytest.raises(ValueError, match="not both"):
+        write_pair(tmp_path, tokenizer_from=fake_tokenizer, agreement=0.5, drafter_agrees=False)

@@ -33,7 +33,7 @@ from gemma4_fleet.gguf_meta import read_meta
 from gemma4_fleet.progress import ProgressCommand, curl_progress, ninja_progress
 from gemma4_fleet.render import flag_names, parse_help_flags, server_argv
 from gemma4_fleet.status import StatusRow, age, status_table
-from gemma4_fleet.vram_plan import meta_for_model, plan_host
+from gemma4_fleet.vram_plan import meta_for_model, plan_host, with_kv
 from tests.unit.test_operations import RecordedHost, fact, run_op
 
 pytestmark = pytest.mark.unit
@@ -68,7 +68,7 @@ def _config(model: Path | None = None, **inst: Any) -> HostConfig:
 
 def _argv(**inst: Any) -> list[str]:
     config = _config(**inst)
-    return server_argv(config, config.instances[0])
+    return server_argv(config, with_kv(config.instances[0], "q8_0"))  # as a plan settles "auto"
 
 
 def _after(argv: list[str], flag: str) -> str:

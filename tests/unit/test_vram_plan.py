@@ -105,26 +105,33 @@ def _host(
     return parse_host_config(HOST, _data(models, instances, **extra))
 
 
+# The tests of ctx and fit use the recipe's q8_0 KV explicitly (the default "auto" is tested
+# on its own below).
+_Q8_0 = {"cache_type_k": "q8_0", "cache_type_v": "q8_0"}
+
+
 def _g3(**inst: Any) -> dict[str, Any]:
-    """One plain Gemma 3 270M instance (no drafter) on GPU 0."""
+    """One plain Gemma 3 270M instance (no drafter) on GPU 0, q8_0 KV."""
     return {
         "name": "gemma3",
         "target": "g3",
         "spec_type": "none",
         "gpu": "0",
         "ctx_size": 8192,
+        **_Q8_0,
         **inst,
     }
 
 
 def _g4(**inst: Any) -> dict[str, Any]:
-    """The synthetic Gemma 4 target + assistant (draft-mtp) on GPU 0."""
+    """The synthetic Gemma 4 target + assistant (draft-mtp) on GPU 0, q8_0 KV."""
     return {
         "name": "gemma4",
         "target": "g4",
         "drafter": "g4-asst",
         "gpu": "0",
         "ctx_size": 8192,
+        **_Q8_0,
         **inst,
     }
 
@@ -695,14 +702,15 @@ def test_cli_json_and_table(project: Path, meta_270m: ModelMeta) -> None:
     assert lines[0] == "host box-a (MiB)"
     assert lines[1].split() == [
         "instance", "GPU", "budget", "weights", "KV", "compute", "overhead", "tenants",
-        "headroom", "free", "ctx", "fits",
+        "headroom", "free", "ctx", "cache", "fits",
     ]  # fmt: skip
     assert lines[2].split() == [
         "gemma3", "0", "1200", str(round(weights / MIB)), str(round(kv / MIB)),
         str(round(compute / MIB)), "590", "0", "256", str(round(free / MIB)),
-        str(ctx), "auto", "yes",
+        str(ctx), "auto", "q8_0", "yes",
     ]  # fmt: skip
     assert lines[3] == "  GPU 0: budget from gpu_memory_mib.0"
+    assert lines[4] == "  KV gemma3: q8_0: set in host data"
 
 
 def test_cli_errors_exit_1(project: Path) -> None:
@@ -760,3 +768,115 @@ def test_a_service_on_llamas_gpu_is_refused_by_index_and_by_uuid(pair: Synthetic
     for error in (str(by_index.value), by_uuid):
         assert "gpu_services[whisper.service].gpu" in error, error
     assert _plan(host(gpus[1].uuid), gpus).fits
+
+
+# --- cache_type auto (issue 14) ---------------------------------------------------------------
+# Gemma 3 270M at ctx 32768, -np 1, by hand (../shared/briefs/llama-cpp.md): 3 full-attention
+# layers of 32768 cells and 15 SWA layers of P(min(32768, 512 + 512)) = 1024 cells, K and V rows
+# of 1 KV head x 256.
+#   f16:  3 * 32768 * 2 * 512 B + 15 * 1024 * 2 * 512 B = 96 MiB + 15 MiB            = 111 MiB
+#   q8_0: a row is 256 / 32 * 34 = 272 B: 3 * 32768 * 2 * 272 + 15 * 1024 * 2 * 272   = 59.0 MiB
+KV_F16_32K = 3 * 32768 * 2 * 512 + 15 * 1024 * 2 * 512
+KV_Q8_32K = 3 * 32768 * 2 * 272 + 15 * 1024 * 2 * 272
+F16 = CacheOptions(parallel=1, type_k="f16", type_v="f16", flash_attn=True)
+
+
+def _auto_total(meta: ModelMeta, kv: int, cache: CacheOptions) -> int:
+    """Everything on the GPU at ctx 32768 with no headroom: weights + KV + compute + CUDA."""
+    compute = compute_buffer_bytes(meta, n_ctx=32768, cache=cache)
+    return weight_bytes_on_gpu(meta) + kv + compute + CUDA_OVERHEAD_BYTES
+
+
+def _auto_g3(gemma3_270m: Path, budget_mib: int, **inst: Any) -> HostConfig:
+    instance = {"name": "gemma3", "target": "g3", "spec_type": "none", "gpu": "0", **inst}
+    return _host(
+        {"g3": _model("target", gemma3_270m)},
+        [{"ctx_size": 32768, **instance}],
+        gpu_memory_mib={"0": budget_mib},
+        vram_headroom_mib=0,
+    )
+
+
+def test_auto_kv_hand_computed_sizes_match_the_plan(gemma3_270m: Path) -> None:
+    assert KV_F16_32K == 111 * MIB
+    config = _auto_g3(gemma3_270m, 4000, cache_type_k="f16", cache_type_v="f16")
+    assert plan_host(HOST, config, {}, meta_for_model).instance_plan("gemma3").kv == KV_F16_32K
+    assert kv_270m(32768) == KV_Q8_32K
+
+
+def test_auto_kv_picks_f16_when_it_fits(gemma3_270m: Path, meta_270m: ModelMeta) -> None:
+    budget_mib = -(-_auto_total(meta_270m, KV_F16_32K, F16) // MIB)  # f16 just fits
+    row = plan_host(HOST, _auto_g3(gemma3_270m, budget_mib), {}, meta_for_model).instance_plan(
+        "gemma3"
+    )
+    assert row.cache_types == ("f16", "f16", "f16", "f16")
+    assert row.kv == KV_F16_32K and row.fits
+    assert row.kv_reason == "auto: the fastest of f16 > q8_0, default order, fits"
+
+
+def test_auto_kv_picks_q8_0_when_the_budget_forces_it(
+    gemma3_270m: Path, meta_270m: ModelMeta
+) -> None:
+    f16_total = _auto_total(meta_270m, KV_F16_32K, F16)
+    q8_total = _auto_total(meta_270m, KV_Q8_32K, Q8)
+    budget_mib = -(-q8_total // MIB)
+    assert budget_mib * MIB < f16_total  # the budget leaves no room for f16
+    config = _auto_g3(gemma3_270m, budget_mib)
+    plan = plan_host(HOST, config, {}, meta_for_model)
+    row = plan.instance_plan("gemma3")
+    assert row.cache_types == ("q8_0", "q8_0", "q8_0", "q8_0")
+    assert row.kv == KV_Q8_32K and row.fits
+    short = f16_total - budget_mib * MIB
+    assert row.kv_reason == (
+        f"auto: f16 needs {_mib(short)} more; q8_0 fits (f16 > q8_0, default order)"
+    )
+    settled = plan.settle(config.instances[0])
+    assert (settled.cache_type_k, settled.cache_type_v, settled.ctx_size) == ("q8_0", "q8_0", 32768)
+    table = plan.table().splitlines()
+    assert table[2].split()[-2:] == ["q8_0", "yes"]
+    assert table[-1] == f"  KV gemma3: q8_0: {row.kv_reason}"
+
+
+def test_auto_kv_refuses_with_the_breakdown_when_nothing_fits(
+    gemma3_270m: Path, meta_270m: ModelMeta
+) -> None:
+    budget_mib = _auto_total(meta_270m, KV_Q8_32K, Q8) // MIB - 1
+    message = _plan_error(_auto_g3(gemma3_270m, budget_mib))
+    assert message.startswith(
+        f"host {HOST}: llama_instances[gemma3].ctx_size: ctx 32768 does not fit GPU 0: "
+    )
+    assert f"KV {_mib(KV_Q8_32K)}" in message
+    assert "none of f16 > q8_0, default order fits" in message
+    assert "the largest ctx that fits is" in message
+
+
+def test_auto_kv_measured_order_wins(gemma3_270m: Path, meta_270m: ModelMeta) -> None:
+    config = _auto_g3(gemma3_270m, 4000, kv_order=["q8_0", "f16"])
+    row = plan_host(HOST, config, {}, meta_for_model).instance_plan("gemma3")
+    assert row.cache_types[:2] == ("q8_0", "q8_0")
+    assert row.kv_reason == "auto: the fastest of q8_0 > f16, measured order, tuned profile, fits"
+
+
+def test_auto_kv_without_flash_attention_is_f16_and_explicit_types_stay(
+    gemma3_270m: Path, meta_270m: ModelMeta
+) -> None:
+    budget_mib = -(-_auto_total(meta_270m, KV_Q8_32K, Q8) // MIB)  # only q8_0 would fit
+    config = _auto_g3(gemma3_270m, budget_mib, flash_attn="off")
+    message = _plan_error(config)
+    assert "none of f16, default order fits" in message
+    row = plan_host(
+        HOST, _auto_g3(gemma3_270m, 4000, cache_type_k="q4_0"), {}, meta_for_model
+    ).instance_plan("gemma3")
+    # K explicit, V auto: V takes the fastest type that fits
+    assert row.cache_types[:2] == ("q4_0", "f16")
+
+
+def test_auto_kv_on_the_cpu_is_the_first_of_the_order(gemma3_270m: Path) -> None:
+    config = _host(
+        {"g3": _model("target", gemma3_270m)},
+        [{"name": "gemma3", "target": "g3", "spec_type": "none", "ctx_size": 32768}],
+        llamacpp_build={"cuda": False},
+    )
+    row = plan_host(HOST, config, {}, meta_for_model).instance_plan("gemma3")
+    assert row.cache_types == ("f16", "f16", "f16", "f16") and row.kv == KV_F16_32K
+    assert "CPU" in row.kv_reason
