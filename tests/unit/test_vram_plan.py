@@ -710,7 +710,8 @@ def test_cli_json_and_table(project: Path, meta_270m: ModelMeta) -> None:
         str(ctx), "auto", "q8_0", "yes",
     ]  # fmt: skip
     assert lines[3] == "  GPU 0: budget from gpu_memory_mib.0"
-    assert lines[4] == "  KV gemma3: q8_0: set in host data"
+    assert lines[4].startswith("  gemma3: model id 'g3'; chat template: ")
+    assert lines[5] == "  KV gemma3: q8_0: set in host data"
 
 
 def test_cli_errors_exit_1(project: Path) -> None:
