@@ -33,6 +33,8 @@ def demo_data(mirror_url: str, mirror_commit: str) -> dict[str, Any]:
                 "ctx_size": 4096,
                 "host": "0.0.0.0",
                 "port": 8080,
+                # The fleet's bridge is private to this machine; tests reach it without a key.
+                "allow_unauthenticated": True,
                 # Two hosts share this machine's cores: one thread each keeps them from thrashing.
                 "threads": 1,
             }
