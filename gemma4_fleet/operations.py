@@ -284,7 +284,7 @@ def _drain(
         str(timeout),
         *(part for path in key_files for part in ("--api-key-file", QuoteString(path))),
     )
-    ok, output = host.run_shell_command(command, timeout=timeout + 120)
+    ok, output = host.run_shell_command(command, _timeout=timeout + 120)
     for line in output.stdout_lines:
         host.log_styled(line, fg="cyan")
     if not ok:
