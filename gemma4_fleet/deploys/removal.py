@@ -9,7 +9,7 @@ from pyinfra.operations import files, server, systemd
 
 from gemma4_fleet import operations as g4f
 from gemma4_fleet.config import HostConfig, smoke_unit
-from gemma4_fleet.facts import ManagedInstance, ManagedUnitFiles
+from gemma4_fleet.facts import SYSTEMD_DIR, ManagedInstance, ManagedUnitFiles
 from gemma4_fleet.operations import LKG_DIR
 from gemma4_fleet.render import KEYS_DIR, SMOKE_STATE_DIR, credential_path
 
@@ -53,23 +53,21 @@ def retire_instance(found: ManagedInstance, drain_timeout: int) -> list[Operatio
                 key_files=[credential_path(unit), f"{KEYS_DIR}/{found.name}.key"],
             )
         )
+    # Only units whose files are there (smoke units are absent with llama_smoke.enabled off).
+    present = [u for u in (timer, smoke, unit) if f"{SYSTEMD_DIR}/{u}" in found.files]
     ops.append(
         server.shell(
-            name=f"{unit}, {smoke}, {timer} stopped and disabled ({why})",
+            name=f"{', '.join(present)} stopped and disabled ({why})",
             commands=[
                 StringCommand(
-                    "systemctl",
-                    "disable",
-                    "--now",
-                    "--",
-                    *(QuoteString(u) for u in (timer, smoke, unit)),
+                    "systemctl", "disable", "--now", "--", *(QuoteString(u) for u in present)
                 ),
                 # A unit that failed earlier would stay listed as failed after it is gone.
                 StringCommand(
                     "systemctl",
                     "reset-failed",
                     "--",
-                    *(QuoteString(u) for u in (timer, smoke, unit)),
+                    *(QuoteString(u) for u in present),
                     "2>/dev/null",
                     "||",
                     "true",
