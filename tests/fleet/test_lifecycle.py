@@ -58,8 +58,8 @@ def test_a_restart_waits_for_the_running_generation(fleet: Fleet, restore: None)
     probe = requests.post(
         f"{base}/completion", json={"prompt": "One,", "n_predict": 32}, timeout=120
     ).json()
-    # A stream long enough to outlast pyinfra's way to the restart (about 45 s).
-    n_predict = min(3500, max(300, int(probe["timings"]["predicted_per_second"] * 45)))
+    # A stream long enough to outlast pyinfra's way to the restart (about 60 s).
+    n_predict = min(3800, max(300, int(probe["timings"]["predicted_per_second"] * 60)))
     final: dict[str, Any] = {}
     chunks: list[str] = []
     ended: list[float] = []
