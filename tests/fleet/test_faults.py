@@ -94,6 +94,8 @@ def flaky(
                     chunk = body[offset : min(offset + (1 << 20), limit)]
                     self.wfile.write(chunk)
                     sent += len(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                return  # the client gave up (a full disk on its side)
             finally:
                 served.requests.append((header, sent))
             if limit < len(body):

@@ -256,7 +256,7 @@ def test_a_removed_instance_is_drained_stopped_and_deleted(
 
 
 STAND_IN = (
-    "# the user's own unit\n[Service]\nExecStart=/bin/sleep infinity\n"
+    "# the users own unit\n[Service]\nExecStart=/bin/sleep infinity\n"
     "[Install]\nWantedBy=multi-user.target\n"
 )
 
