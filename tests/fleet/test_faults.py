@@ -272,7 +272,8 @@ def running_argv(fleet: Fleet, name: str) -> str:
     return fleet.ssh(name, f"ps -o args= -p {pid}").stdout
 
 
-NEEDLE = f"Starting operation: llama-server units | Unit {UNIT}"
+# Nested @deploy names prefix it: "Gemma 4 + MTP llama-server | llama-server units | ...".
+NEEDLE = f"llama-server units | Unit {UNIT}"
 
 
 def test_a_host_powered_off_mid_deploy_converges_on_the_rerun(
