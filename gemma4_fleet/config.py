@@ -14,16 +14,19 @@ Host data keys (group_data/*.py, the inventory, `--data`):
 | `gpu_memory_mib` | `{gpu index or UUID: MiB}` VRAM budget per GPU when not read from nvidia-smi |
 | `vram_headroom_mib` | VRAM left free on every GPU the planner fills |
 | `llama_smoke` | `SmokeConfig` fields: thresholds and schedule of the smoke check |
+| `llama_drain` | `DrainConfig` fields: how long a restart waits for requests in flight |
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
+import ipaddress
 import json
 import posixpath
 import re
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -173,6 +176,7 @@ HOST_DATA_KEYS = {
     "gpu_memory_mib": "gpu_memory_mib",
     "vram_headroom_mib": "vram_headroom_mib",
     "smoke": "llama_smoke",
+    "drain": "llama_drain",
 }
 
 
@@ -396,6 +400,10 @@ class ServerSettings(_Model):
     # acceptance over its prompts, as `gemma4-fleet tune` measured them (tuned/<host>.json).
     baseline_tps: Annotated[float, Field(gt=0)] | None = None
     baseline_acceptance: Annotated[float, Field(ge=0, le=1)] | None = None
+    # A file on the controller holding the API key (one per line, # comments). It reaches the
+    # server as a systemd credential; a non-loopback `host` needs it unless allowed otherwise.
+    api_key_file: str | None = None
+    allow_unauthenticated: bool = False
 
 
 class Instance(ServerSettings):
@@ -427,6 +435,16 @@ class Instance(ServerSettings):
         """Where checks on the host itself reach the server (a wildcard bind via loopback)."""
         address = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         return f"http://{address}:{self.port}"
+
+    @property
+    def loopback(self) -> bool:
+        """Whether only this host can reach the server (127.0.0.0/8, ::1, localhost)."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
 
     @property
     def smoke_unit(self) -> str:
@@ -495,6 +513,12 @@ class SmokeConfig(_Model):
     randomized_delay_sec: Annotated[int, Field(ge=0)] = 600
 
 
+class DrainConfig(_Model):
+    """How long a restart or stop waits for requests in flight (then it goes ahead anyway)."""
+
+    timeout_s: Annotated[int, Field(ge=0, le=86400)] = 300
+
+
 class HostConfig(_Model):
     llamacpp: LlamaCppSource
     build: BuildConfig = BuildConfig()
@@ -508,6 +532,7 @@ class HostConfig(_Model):
     gpu_memory_mib: dict[GpuRef, Annotated[int, Field(gt=0)]] = {}
     vram_headroom_mib: Annotated[int, Field(ge=0)] = 512
     smoke: SmokeConfig = SmokeConfig()
+    drain: DrainConfig = DrainConfig()
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         """(host-data field, problem) for rules that span fields: references, clashes."""
@@ -528,6 +553,7 @@ class HostConfig(_Model):
                     problems.append(
                         (f"{field}.{role}", f"{ref!r} has role {model.role}, used as {role}")
                     )
+            problems += _key_problems(inst, field)
             if inst.gpu is not None and not self.build.cuda:
                 problems.append(
                     (f"{field}.gpu", f"gpu {inst.gpu} set but llamacpp_build.cuda is off")
@@ -590,6 +616,37 @@ class HostConfig(_Model):
     @property
     def server_binary(self) -> str:
         return f"{self.build_dir}/bin/llama-server"
+
+
+def api_key_lines(text: str) -> list[str]:
+    """The keys in an API key file: non-empty lines that are not # comments (as llama-server)."""
+    return [line.strip() for line in text.splitlines() if line.strip() and line[0] != "#"]
+
+
+def _key_problems(inst: Instance, field: str) -> list[tuple[str, str]]:
+    """An API key file must hold a key; a server others can reach must have one (or say so)."""
+    if inst.api_key_file is None:
+        if inst.loopback or inst.allow_unauthenticated:
+            return []
+        return [
+            (
+                f"{field}.host",
+                f"{inst.host} is reachable from other machines and no api_key_file is set; set "
+                "api_key_file, bind to 127.0.0.1, or set allow_unauthenticated: true",
+            )
+        ]
+    try:
+        text = Path(inst.api_key_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        return [(f"{field}.api_key_file", f"cannot read {inst.api_key_file}: {why}")]
+    keys = api_key_lines(text)
+    if not keys:
+        return [(f"{field}.api_key_file", f"{inst.api_key_file} holds no key")]
+    if any(any(c.isspace() or not c.isprintable() for c in key) for key in keys):
+        # The key itself is never echoed: errors end up in logs.
+        return [(f"{field}.api_key_file", f"a key in {inst.api_key_file} has blanks or controls")]
+    return []
 
 
 def _field_path(loc: tuple[int | str, ...], raw: Mapping[str, Any]) -> str:

@@ -318,3 +318,146 @@ class LlamaInstanceState(FactBase[InstanceState]):
 
     def process(self, output: list[str]) -> InstanceState:
         return parse_instance_state(output)
+
+
+MANAGED_MARKER = "# Managed by gemma4-fleet"
+SYSTEMD_DIR = "/etc/systemd/system"
+GPU_DROPIN_NAME = "gemma4-fleet-gpu.conf"
+
+
+@dataclass(frozen=True)
+class ManagedInstance:
+    """An instance whose units this tool installed, as found on the host."""
+
+    name: str
+    files: tuple[str, ...]
+    # From the server unit's ExecStart (None when only its smoke units are left).
+    host: str | None
+    port: int | None
+
+    @property
+    def unit(self) -> str:
+        return f"llama-server-{self.name}.service"
+
+    @property
+    def local_url(self) -> str | None:
+        if self.port is None:
+            return None
+        address = "127.0.0.1" if self.host in (None, "0.0.0.0", "::") else self.host
+        return f"http://{address}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ManagedFiles:
+    """Unit files and drop-ins on a host whose first line carries this tool's marker."""
+
+    instances: dict[str, ManagedInstance]
+    gpu_dropins: dict[str, str]  # service unit -> drop-in path
+
+
+_INSTANCE_FILE = re.compile(
+    r"^/etc/systemd/system/llama-(?:server-(?P<server>[a-z0-9][a-z0-9-]*)\.service"
+    r"|smoke-(?P<smoke>[a-z0-9][a-z0-9-]*)\.(?:service|timer))$"
+)
+_DROPIN_FILE = re.compile(
+    r"^/etc/systemd/system/(?P<unit>[A-Za-z0-9:_.@-]+\.service)\.d/"
+    + re.escape(GPU_DROPIN_NAME)
+    + "$"
+)
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv[:-1]):
+        if arg == name:
+            return argv[i + 1]
+    return None
+
+
+def parse_managed_files(output: list[str]) -> ManagedFiles:
+    """Lines `<path>\\t<ExecStart= line or empty>` -> our instances and GPU drop-ins.
+
+    Files of other names are ignored, even with the marker: only names this tool renders can be
+    removed by it.
+    """
+    files: dict[str, list[str]] = {}
+    listen: dict[str, tuple[str | None, int | None]] = {}
+    dropins: dict[str, str] = {}
+    for line in output:
+        path, _, exec_start = line.partition("\t")
+        path = path.strip()
+        if match := _INSTANCE_FILE.match(path):
+            name = match.group("server") or match.group("smoke")
+            files.setdefault(name, []).append(path)
+            if match.group("server"):
+                argv = exec_start.removeprefix("ExecStart=").split()
+                port = _flag(argv, "--port")
+                listen[name] = (
+                    _flag(argv, "--host"),
+                    int(port) if port and port.isdigit() else None,
+                )
+        elif match := _DROPIN_FILE.match(path):
+            dropins[match.group("unit")] = path
+    instances = {
+        name: ManagedInstance(name, tuple(sorted(paths)), *listen.get(name, (None, None)))
+        for name, paths in files.items()
+    }
+    return ManagedFiles(instances, dropins)
+
+
+class ManagedUnitFiles(FactBase[ManagedFiles]):
+    """This tool's llama-server/smoke units and GPU drop-ins on the host (by their marker)."""
+
+    @staticmethod
+    def default() -> ManagedFiles:
+        return ManagedFiles({}, {})
+
+    def command(self) -> str:
+        return (
+            f"for f in {SYSTEMD_DIR}/llama-server-*.service {SYSTEMD_DIR}/llama-smoke-*.service "
+            f"{SYSTEMD_DIR}/llama-smoke-*.timer {SYSTEMD_DIR}/*.service.d/{GPU_DROPIN_NAME}; do "
+            f'[ -f "$f" ] && head -n1 "$f" | grep -q "^{MANAGED_MARKER}" || continue; '
+            'printf "%s\\t%s\\n" "$f" "$(grep -m1 "^ExecStart=" "$f")"; done; true'
+        )
+
+    def process(self, output: list[str]) -> ManagedFiles:
+        return parse_managed_files(output)
+
+
+class UnverifiedUnits(FactBase[set[str]]):
+    """Of `units`, those whose live file differs from its last-known-good copy.
+
+    A deploy saves the copy only after the (re)started unit passed its checks, so a difference
+    means a run was cut short (Ctrl-C, power loss) between writing a unit and verifying it: the
+    process may still run the old command line. The next run restarts and verifies it.
+    """
+
+    @staticmethod
+    def default() -> set[str]:
+        return set()
+
+    def command(self, units: list[str], lkg_dir: str) -> StringCommand:
+        parts: list[Any] = []
+        for unit in units:
+            live, saved = f"{SYSTEMD_DIR}/{unit}", f"{lkg_dir}/{unit}"
+            parts += [
+                "{",
+                "test",
+                "!",
+                "-f",
+                QuoteString(live),
+                "||",
+                "cmp",
+                "-s",
+                QuoteString(live),
+                QuoteString(saved),
+                "||",
+                "echo",
+                QuoteString(unit),
+                ";",
+                "}",
+                ";",
+            ]
+        return StringCommand(*parts, "true")
+
+    def process(self, output: list[str]) -> set[str]:
+        return {line.strip() for line in output if line.strip()}

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import posixpath
 from collections.abc import Generator
+from io import StringIO
+from pathlib import Path
+from typing import Any
 
 from pyinfra import host, state
 from pyinfra.api import (
@@ -16,12 +20,14 @@ from pyinfra.api import (
     operation,
 )
 from pyinfra.api.host import Host
+from pyinfra.api.util import get_template
+from pyinfra.facts.files import File, Sha256File
 
 from gemma4_fleet.config import HostConfig, ModelFile
 from gemma4_fleet.facts import GitHead, LlamaCppBuildInfo, LlamaServerFlags, ModelFileStamp
 from gemma4_fleet.host_scripts.prune import MARKER as OWNED_MARKER
 from gemma4_fleet.progress import curl_progress, ninja_progress, with_progress
-from gemma4_fleet.render import PRUNE_SCRIPT, VERIFY_SCRIPT
+from gemma4_fleet.render import DRAIN_SCRIPT, PRUNE_SCRIPT, VERIFY_SCRIPT
 
 logger = logging.getLogger("gemma4_fleet")
 Commands = Generator[StringCommand | FunctionCommand | FileUploadCommand, None, None]
@@ -188,11 +194,18 @@ def model_file(dest: str, model: ModelFile) -> Commands:
         if len(parts) == 5 and parts[2] == model.sha256 and parts[0:2] == parts[3:5]:
             host.noop(f"{dest} present and verified")
             return
-    # curl's progress meter goes to a file that the progress lines are read from.
+    # -C -: a download cut short by a network error, a reboot or Ctrl-C resumes with an HTTP
+    # Range request on the next run. A write error (full disk) deletes the partial file, so the
+    # deploy never leaves a host's disk full. curl's progress meter goes to a file that the
+    # progress lines are read from.
     fetch = (
-        'curl -fSL --retry 3 -o "$tmp" "$url" 2>"$tmp.progress" || '
-        '{ grep -a "curl:" "$tmp.progress" >&2; rm -f "$tmp.progress"; exit 1; }; '
-        'rm -f "$tmp.progress"'
+        'rc=0; curl -fSL --retry 3 -C - -o "$tmp" "$url" 2>"$tmp.progress" || rc=$?; '
+        'grep -a "curl:" "$tmp.progress" >&2; rm -f "$tmp.progress"; '
+        'if [ "$rc" = 23 ]; then rm -f "$tmp"; echo "cannot write $tmp (disk full? '
+        '$(df -B1 --output=avail "$(dirname "$dest")" | tail -n1 | tr -d " ") bytes free); '
+        'the model in service is untouched" >&2; exit 1; elif [ "$rc" != 0 ]; then '
+        'echo "download of $url stopped (curl exit $rc) at $(stat -c %s "$tmp" 2>/dev/null '
+        '|| echo 0) bytes; the next run resumes it" >&2; exit 1; fi'
         if model.url
         else "true"
     )
@@ -273,3 +286,111 @@ def prune(install_root: str, models_dir: str, unit_glob: str) -> Commands:
     """
     args = ["--unit-glob", unit_glob, "--lkg-dir", LKG_DIR, f"{install_root}/builds", models_dir]
     yield StringCommand("python3", QuoteString(PRUNE_SCRIPT), *(QuoteString(a) for a in args))
+
+
+def _drain(
+    state: State, host: Host, unit: str, url: str, timeout: int, key_files: list[str]
+) -> bool:
+    """Run the drain script on the host and show its lines (what it waited for) in the log."""
+    command = StringCommand(
+        "python3",
+        DRAIN_SCRIPT,
+        "--unit",
+        QuoteString(unit),
+        "--url",
+        QuoteString(url),
+        "--timeout",
+        str(timeout),
+        *(part for path in key_files for part in ("--api-key-file", QuoteString(path))),
+    )
+    ok, output = host.run_shell_command(command, _timeout=timeout + 120)
+    for line in output.stdout_lines:
+        host.log_styled(line, fg="cyan")
+    if not ok:
+        host.log_styled(f"{unit}: drain failed: {output.stderr}", fg="red", log_func=logger.error)
+    return bool(ok)
+
+
+@operation(is_idempotent=False)
+def drain(unit: str, url: str, timeout: int, key_files: list[str] | None = None) -> Commands:
+    """Wait (at most `timeout` s) until `unit` has no request in flight; log what it waited for.
+
+    Runs before a restart or stop, so no user's generation is cut off. It never fails for a
+    busy server: after the timeout the caller goes ahead (and the log says so).
+
+    + unit: the llama-server unit
+    + url: where the server answers on the host, e.g. http://127.0.0.1:8080
+    + timeout: seconds to wait at most (`llama_drain.timeout_s`)
+    + key_files: files on the host holding the server's API key (the first readable is used)
+    """
+    yield FunctionCommand(_drain, (unit, url, timeout, list(key_files or [])), {})
+
+
+@operation()
+def secret_file(src: str, dest: str) -> Commands:
+    """Upload a key file that only root can read (0600 in a 0700 directory); its text is never
+    shown or put on a command line. Services get it as a systemd credential.
+
+    + src: the file on the controller
+    + dest: the path on the host
+    """
+    want = hashlib.sha256(Path(src).read_bytes()).hexdigest()
+    info = host.get_fact(File, path=dest)
+    if (
+        info
+        and info.get("mode") == 600
+        and info.get("user") == "root"
+        and host.get_fact(Sha256File, path=dest) == want
+    ):
+        host.noop(f"{dest} up to date")
+        return
+    directory = posixpath.dirname(dest)
+    tmp = f"{dest}.tmp"
+    yield StringCommand(
+        "install", "-d", "-m", "0700", "-o", "root", "-g", "root", QuoteString(directory)
+    )
+    yield StringCommand("rm", "-f", QuoteString(tmp))
+    yield FileUploadCommand(src, tmp)
+    yield StringCommand(
+        "chown",
+        "root:root",
+        QuoteString(tmp),
+        "&&",
+        "chmod",
+        "0600",
+        QuoteString(tmp),
+        "&&",
+        "mv",
+        "-f",
+        QuoteString(tmp),
+        QuoteString(dest),
+    )
+
+
+@operation()
+def rendered_file(src: str, dest: str, mode: str = "644", **data: Any) -> Commands:
+    """Render a Jinja template to `dest` atomically: written next to it, then renamed.
+
+    A host that loses power or a controller interrupted mid-write leaves the old file or the
+    new one at `dest`, never half of one (systemd would read a truncated unit at boot).
+
+    + src: the template on the controller
+    + dest: the file on the host (its directory is created)
+    + mode: octal file mode
+    """
+    text = get_template(src, {"trim_blocks": True, "lstrip_blocks": True}).render(data)
+    info = host.get_fact(File, path=dest)
+    want = hashlib.sha256(text.encode()).hexdigest()
+    if (
+        info
+        and f"{info.get('mode')}" == mode.lstrip("0")
+        and host.get_fact(Sha256File, path=dest) == want
+    ):
+        host.noop(f"{dest} is up to date")
+        return
+    tmp = f"{dest}.g4f-new"
+    yield StringCommand("mkdir", "-p", QuoteString(posixpath.dirname(dest)))
+    yield FileUploadCommand(StringIO(text), tmp)
+    yield StringCommand(
+        "chmod", mode, QuoteString(tmp), "&&", "mv", "-f", QuoteString(tmp), QuoteString(dest)
+    )

@@ -71,6 +71,9 @@ def server_argv(config: HostConfig, inst: Instance, ctx_size: int | None = None)
         argv += ["--threads", str(inst.threads)]
     # --offline: the server never fetches anything itself; --metrics: Prometheus incl. drafts.
     argv += ["--host", inst.host, "--port", str(inst.port), "--offline", "--metrics", "--no-webui"]
+    if inst.api_key_file is not None:
+        # A path, never the key: the key is a systemd credential only this unit can read.
+        argv += ["--api-key-file", credential_path(inst.unit)]
     return argv + list(inst.extra_args)
 
 
@@ -92,6 +95,20 @@ HOST_SCRIPTS_DIR = "/usr/local/lib/gemma4-fleet"  # gemma4_fleet/host_scripts/*.
 SMOKE_SCRIPT = f"{HOST_SCRIPTS_DIR}/smoke_check.py"
 VERIFY_SCRIPT = f"{HOST_SCRIPTS_DIR}/verify.py"
 PRUNE_SCRIPT = f"{HOST_SCRIPTS_DIR}/prune.py"
+DRAIN_SCRIPT = f"{HOST_SCRIPTS_DIR}/drain.py"
+KEYS_DIR = "/etc/gemma4-fleet/keys"  # root only (0700); the units load keys as credentials
+
+
+def api_key_path(inst: Instance) -> str:
+    """Where the instance's key file lives on the host (root 0600)."""
+    return f"{KEYS_DIR}/{inst.name}.key"
+
+
+def credential_path(unit: str) -> str:
+    """The key as `LoadCredential=api-key:...` shows it to `unit` (systemd's %d/api-key)."""
+    return f"/run/credentials/{unit}/api-key"
+
+
 SMOKE_STATE_DIR = "gemma4-fleet-smoke"  # under /var/lib: JSON reports and .prom textfiles
 
 
@@ -123,6 +140,8 @@ def smoke_argv(config: HostConfig, inst: Instance) -> list[str]:
     ]
     if inst.gpu is not None:
         argv.append("--gpu")
+    if inst.api_key_file is not None:
+        argv += ["--api-key-file", credential_path(inst.smoke_unit)]
     if config.smoke.min_tps is not None:
         argv += ["--min-tps", f"{config.smoke.min_tps:g}"]
     if config.smoke.min_acceptance is not None:

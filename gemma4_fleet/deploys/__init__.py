@@ -20,6 +20,7 @@ from gemma4_fleet.config import HostConfig, server_unit
 from gemma4_fleet.deploys.build import llama_cpp, toolchain
 from gemma4_fleet.deploys.gpu_services import gpu_services, pin_gpu_service
 from gemma4_fleet.deploys.models import models
+from gemma4_fleet.deploys.removal import retired
 from gemma4_fleet.deploys.reporting import collected_reports, print_fleet_table
 from gemma4_fleet.deploys.units import instance_unit, servers, service_basics
 from gemma4_fleet.facts import Gpu, NvidiaGpus, PasswdLine
@@ -56,13 +57,16 @@ def host_setup() -> HostSetup:
 
 @deploy("Gemma 4 + MTP llama-server")
 def gemma4_mtp() -> None:
-    """The whole job for one host: toolchain, build, models, units, GPU services, prune."""
+    """The whole job for one host: toolchain, build, models, removal of what is no longer
+    listed, units, GPU services, prune."""
     setup = host_setup()
     config = setup.config
     toolchain(config, setup.gpus)
     build = llama_cpp(config)
     placed = models(config)
     gpu_devices(config)
+    # Before the new units start: a removed instance may hold the port a new one wants.
+    removed = retired(config)
     changed = servers(setup, changed=[build, *placed])
     gpu_services(setup)
     g4f.prune(
@@ -70,7 +74,7 @@ def gemma4_mtp() -> None:
         install_root=config.build.install_root,
         models_dir=config.models_dir,
         unit_glob=server_unit("*"),
-        _if=any_changed(build, *placed, *changed),
+        _if=any_changed(build, *placed, *changed, *removed),
     )
     since = time.time()
     python.call(

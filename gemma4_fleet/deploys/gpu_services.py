@@ -5,16 +5,16 @@ from __future__ import annotations
 from pyinfra import host
 from pyinfra.api import QuoteString, StringCommand, deploy
 from pyinfra.api.operation import OperationMeta
-from pyinfra.operations import files, server, systemd
+from pyinfra.operations import server, systemd
 
 from gemma4_fleet import operations as g4f
 from gemma4_fleet.config import GpuService
 from gemma4_fleet.deploys.units import RENDER, template_path
-from gemma4_fleet.facts import SystemdUnitExists
+from gemma4_fleet.facts import GPU_DROPIN_NAME, SystemdUnitExists
 from gemma4_fleet.pipeline import HostSetup
 from gemma4_fleet.render import cuda_environment
 
-GPU_DROPIN = "gemma4-fleet-gpu.conf"
+GPU_DROPIN = GPU_DROPIN_NAME
 
 
 @deploy("GPU services pinned")
@@ -31,12 +31,11 @@ def pin_gpu_service(setup: HostSetup, svc: GpuService) -> list[OperationMeta]:
             reason=f"host {host.name}: gpu_services: {svc.unit} is not installed",
         )
         return []
-    dropin = files.template(
+    dropin = g4f.rendered_file(
         name=f"Drop-in {svc.unit}.d/{GPU_DROPIN}",
         src=template_path("gpu-pin.conf.j2"),
         dest=f"/etc/systemd/system/{svc.unit}.d/{GPU_DROPIN}",
         cuda_env=cuda_environment(setup.uuids[svc.gpu]),
-        create_remote_dir=True,
         **RENDER,
     )
     systemd.daemon_reload(name=f"daemon-reload for {svc.unit}", _if=dropin.did_change)

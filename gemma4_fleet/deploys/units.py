@@ -21,14 +21,17 @@ from pyinfra.operations.util import any_changed
 from gemma4_fleet import operations as g4f
 from gemma4_fleet.config import HostConfig, Instance
 from gemma4_fleet.deploys.reporting import report_dir
-from gemma4_fleet.facts import SystemdVersion
+from gemma4_fleet.facts import SystemdVersion, UnverifiedUnits
 from gemma4_fleet.host_checks import SERVICE_ACCOUNT_MARK
 from gemma4_fleet.pipeline import HostSetup
 from gemma4_fleet.render import (
+    DRAIN_SCRIPT,
     PRUNE_SCRIPT,
     SMOKE_SCRIPT,
     SMOKE_STATE_DIR,
     VERIFY_SCRIPT,
+    api_key_path,
+    credential_path,
     cuda_environment,
     exec_start,
     flag_names,
@@ -41,10 +44,8 @@ from gemma4_fleet.render import (
 # What the smoke check imports besides the standard library (it writes its metrics with it).
 SMOKE_PACKAGES = ["python3-prometheus-client"]
 HEALTH_TIMEOUT_S = 900  # the drafter adds load time; a 12B pair from cold disk takes minutes
-RENDER: dict[str, Any] = {
-    "jinja_env_kwargs": {"trim_blocks": True, "lstrip_blocks": True},
-    "mode": "644",
-}
+# Unit files are rendered with g4f.rendered_file: written next to their path, then renamed.
+RENDER: dict[str, Any] = {"mode": "644"}
 
 
 def template_path(name: str) -> str:
@@ -53,8 +54,8 @@ def template_path(name: str) -> str:
 
 
 def service_basics(config: HostConfig) -> list[OperationMeta]:
-    """The service user, the host scripts (smoke check, verify, prune) and the smoke check's
-    library the units rely on (no apt update when it is there: hosts may be offline)."""
+    """The service user, the host scripts (smoke check, verify, prune, drain) and the smoke
+    check's library the units rely on (no apt update when it is there: hosts may be offline)."""
     missing = [name for name in SMOKE_PACKAGES if name not in host.get_fact(DebPackages)]
     if missing:
         apt.packages(
@@ -78,7 +79,7 @@ def service_basics(config: HostConfig) -> list[OperationMeta]:
             dest=dest,
             mode="755",
         )
-        for dest in (SMOKE_SCRIPT, VERIFY_SCRIPT, PRUNE_SCRIPT)
+        for dest in (SMOKE_SCRIPT, VERIFY_SCRIPT, PRUNE_SCRIPT, DRAIN_SCRIPT)
     ]
 
 
@@ -105,13 +106,14 @@ def instance_unit(
     config = setup.config
     uuid = setup.gpu_uuid(inst.gpu)
     argv = server_argv(config, setup.plan.settle(inst))
+    key = api_key(inst)
     g4f.flags_known(
         name=f"{inst.unit}: flags known to the build",
         binary=config.server_binary,
         flags=flag_names(argv),
     )
     chat_template = chat_template_file(inst)
-    unit = files.template(
+    unit = g4f.rendered_file(
         name=f"Unit {inst.unit}",
         src=template_path("llama-server.service.j2"),
         dest=f"/etc/systemd/system/{inst.unit}",
@@ -124,6 +126,12 @@ def instance_unit(
             restart_backoff=host.get_fact(SystemdVersion) >= 254,
         ),
         **RENDER,
+    )
+    # Units a cut-short run wrote but never verified (read before this run writes anything).
+    unverified = host.get_fact(
+        UnverifiedUnits,
+        units=[inst.unit, *([inst.smoke_unit] if config.smoke.enabled else [])],
+        lkg_dir=g4f.LKG_DIR,
     )
     smoke = smoke_units(config, inst)
     systemd.daemon_reload(name=f"daemon-reload for {inst.unit}", _if=any_changed(unit, *smoke))
@@ -139,12 +147,26 @@ def instance_unit(
         enabled=True,
         _ignore_errors=True,
     )
+
+    def restart_due() -> bool:
+        due = bool(any_changed(unit, key, *chat_template, *changed)()) or inst.unit in unverified
+        return due and not started.did_change()
+
+    # Requests in flight finish first (bounded by llama_drain.timeout_s).
+    g4f.drain(
+        name=f"{inst.unit}: drain before restart",
+        unit=inst.unit,
+        url=inst.local_url,
+        timeout=config.drain.timeout_s,
+        key_files=[credential_path(inst.unit), api_key_path(inst)],
+        _if=restart_due,
+    )
     restarted = systemd.service(
-        name=f"{inst.unit} restarted (unit, build or model changed)",
+        name=f"{inst.unit} restarted (unit, key, build or model changed, or not yet verified)",
         service=inst.unit,
         restarted=True,
         _ignore_errors=True,
-        _if=lambda: any_changed(unit, *chat_template, *changed)() and not started.did_change(),
+        _if=restart_due,
     )
     verified = g4f.verify_or_roll_back(
         name=f"{inst.unit} healthy and smoke check passed",
@@ -157,6 +179,7 @@ def instance_unit(
         _if=lambda: (
             any(op.did_change() or op.did_error() for op in (started, restarted))
             or any_changed(*smoke)()
+            or bool(unverified)
         ),
     )
     if smoke:
@@ -167,7 +190,7 @@ def instance_unit(
             create_local_dir=True,
             _if=verified.did_change,
         )
-    return [unit, *chat_template, *smoke, started, restarted, verified]
+    return [unit, key, *chat_template, *smoke, started, restarted, verified]
 
 
 def chat_template_file(inst: Instance) -> list[OperationMeta]:
@@ -183,6 +206,17 @@ def chat_template_file(inst: Instance) -> list[OperationMeta]:
             create_remote_dir=True,
         )
     ]
+
+
+def api_key(inst: Instance) -> OperationMeta:
+    """The instance's key file on the host (root only), or no key file when none is set."""
+    if inst.api_key_file is None:
+        return files.file(
+            name=f"{inst.unit}: no API key file", path=api_key_path(inst), present=False
+        )
+    return g4f.secret_file(
+        name=f"{inst.unit}: API key (credential)", src=inst.api_key_file, dest=api_key_path(inst)
+    )
 
 
 def server_unit_values(
@@ -203,6 +237,7 @@ def server_unit_values(
         "groups": [systemd_escape(group) for group in groups],
         "restart_backoff": restart_backoff,
         "read_only_paths": systemd_escape(config.models_dir),
+        "api_key_path": systemd_escape(api_key_path(inst)) if inst.api_key_file else None,
     }
 
 
@@ -214,6 +249,7 @@ def smoke_unit_values(config: HostConfig, inst: Instance) -> dict[str, Any]:
         "state_dir": SMOKE_STATE_DIR,
         "service_user": systemd_escape(config.service_user),
         "gpu": inst.gpu is not None,
+        "api_key_path": systemd_escape(api_key_path(inst)) if inst.api_key_file else None,
     }
 
 
@@ -222,14 +258,14 @@ def smoke_units(config: HostConfig, inst: Instance) -> list[OperationMeta]:
     if not config.smoke.enabled:
         return []
     timer = inst.smoke_timer
-    service = files.template(
+    service = g4f.rendered_file(
         name=f"Unit {inst.smoke_unit}",
         src=template_path("llama-smoke.service.j2"),
         dest=f"/etc/systemd/system/{inst.smoke_unit}",
         **smoke_unit_values(config, inst),
         **RENDER,
     )
-    timer_file = files.template(
+    timer_file = g4f.rendered_file(
         name=f"Unit {timer}",
         src=template_path("llama-smoke.timer.j2"),
         dest=f"/etc/systemd/system/{timer}",

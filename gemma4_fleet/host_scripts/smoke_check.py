@@ -1264,7 +1264,9 @@ def config_from_args(ns: argparse.Namespace) -> Config:
     if ns.api_key_file:
         try:
             with open(ns.api_key_file, encoding="utf-8") as fh:
-                api_key = fh.read().strip() or None
+                # The first key; lines starting with # are comments (as llama-server reads it).
+                keys = [ln.strip() for ln in fh if ln.strip() and not ln.startswith("#")]
+                api_key = keys[0] if keys else None
         except OSError as e:
             raise _UsageError(f"--api-key-file: {e}") from e
     return Config(

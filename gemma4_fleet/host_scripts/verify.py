@@ -104,8 +104,10 @@ def roll_back(
     why: str,
     *,
     healthy_again: Callable[[], bool],
+    since_restart: Callable[[], float] = lambda: 0.0,
 ) -> str:
-    """Put the last-known-good units back; the message the host fails with."""
+    """Put the last-known-good units back; the message the host fails with (with how long after
+    the failed restart the old unit served again: the measure of a rollback)."""
     systemd.journal(ns.unit)
     live = os.path.join(ns.units_dir, ns.unit)
     saved = os.path.join(ns.lkg_dir, ns.unit)
@@ -118,7 +120,10 @@ def roll_back(
         systemd.run("daemon-reload")
         systemd.run("restart", ns.unit)
         if healthy_again():
-            back = "rolled back to last-known-good, serving again"
+            back = (
+                "rolled back to last-known-good, serving again "
+                f"{since_restart():.1f} s after the restart"
+            )
         else:
             back = "rolled back to last-known-good, but it is not healthy either"
     elif os.path.isfile(saved):
@@ -157,6 +162,7 @@ def main(
 ) -> int:
     ns = parser().parse_args(argv)
     sd = systemd or Systemd()
+    started = time.monotonic()  # the deploy runs this right after the (re)start
 
     def wait(timeout: float) -> bool:
         return healthy(sd, ns.unit, ns.health_url, timeout, probe=probe, sleep=sleep)
@@ -167,7 +173,14 @@ def main(
     elif ns.smoke_unit and not sd.run("start", ns.smoke_unit):
         why = f"smoke check failed: {smoke_reasons(ns.report)}"
     if why is not None:
-        print(roll_back(sd, ns, why, healthy_again=lambda: wait(60)), file=sys.stderr)
+        message = roll_back(
+            sd,
+            ns,
+            why,
+            healthy_again=lambda: wait(60),
+            since_restart=lambda: time.monotonic() - started,
+        )
+        print(message, file=sys.stderr)
         return 1
     keep_as_last_known_good(ns)
     return 0

@@ -36,6 +36,8 @@ def demo_data(mirror_url: str, mirror_commit: str) -> dict[str, Any]:
                 # The 270M GGUF carries no chat template (llama-server would fall back to
                 # chatml): llama.cpp's built-in Gemma template makes /v1/chat/completions sane.
                 "chat_template": "gemma",
+                # The fleet's bridge is private to this machine; tests reach it without a key.
+                "allow_unauthenticated": True,
                 # Two hosts share this machine's cores: one thread each keeps them from thrashing.
                 "threads": 1,
             }
