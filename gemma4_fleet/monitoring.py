@@ -64,8 +64,12 @@ def scrape_config(
 
     An instance bound to loopback (the default `127.0.0.1`) cannot be scraped from another
     machine: it is left out with a warning; its smoke metrics still arrive via node_exporter.
+    An instance with an `api_key_file` answers `/metrics` only with its key: instances sharing a
+    key file get a job of their own that sends it (Prometheus reads the controller's file), with
+    `job` relabelled to the one llama-server job name that the alerts and dashboard select.
     """
     llama: list[dict[str, Any]] = []
+    keyed: dict[str, list[dict[str, Any]]] = {}
     node: list[dict[str, Any]] = []
     warnings: list[str] = []
     for each in hosts:
@@ -84,12 +88,14 @@ def scrape_config(
                 )
                 continue
             address = each.address if _wildcard(inst.host) else inst.host
-            llama.append(
-                {
-                    "targets": [_hostport(address, inst.port)],
-                    "labels": {"host": each.name, "instance_name": inst.name},
-                }
-            )
+            target = {
+                "targets": [_hostport(address, inst.port)],
+                "labels": {"host": each.name, "instance_name": inst.name},
+            }
+            if inst.api_key_file:
+                keyed.setdefault(inst.api_key_file, []).append(target)
+            else:
+                llama.append(target)
     config: dict[str, Any] = {}
     if global_config:
         config["global"] = global_config
@@ -97,6 +103,16 @@ def scrape_config(
         config["rule_files"] = list(rule_files)
     config["scrape_configs"] = [
         {"job_name": LLAMA_JOB, "metrics_path": "/metrics", "static_configs": llama},
+        *(
+            {
+                "job_name": f"{LLAMA_JOB}-key{number}",
+                "metrics_path": "/metrics",
+                "authorization": {"type": "Bearer", "credentials_file": key_file},
+                "relabel_configs": [{"target_label": "job", "replacement": LLAMA_JOB}],
+                "static_configs": targets,
+            }
+            for number, (key_file, targets) in enumerate(sorted(keyed.items()), start=1)
+        ),
         {"job_name": NODE_JOB, "metrics_path": "/metrics", "static_configs": node},
     ]
     return config, warnings

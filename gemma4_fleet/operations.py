@@ -200,7 +200,8 @@ def model_file(dest: str, model: ModelFile) -> Commands:
     # progress lines are read from.
     fetch = (
         'rc=0; curl -fSL --retry 3 -C - -o "$tmp" "$url" 2>"$tmp.progress" || rc=$?; '
-        'grep -a "curl:" "$tmp.progress" >&2; rm -f "$tmp.progress"; '
+        'if [ "$rc" != 0 ]; then grep -a "curl:" "$tmp.progress" >&2 || true; fi; '
+        'rm -f "$tmp.progress"; '
         'if [ "$rc" = 23 ]; then rm -f "$tmp"; echo "cannot write $tmp (disk full? '
         '$(df -B1 --output=avail "$(dirname "$dest")" | tail -n1 | tr -d " ") bytes free); '
         'the model in service is untouched" >&2; exit 1; elif [ "$rc" != 0 ]; then '

@@ -139,23 +139,40 @@ def _host(name: str, address: str, *instances: dict[str, Any]) -> ScrapeHost:
 INST = {"target": "t", "drafter": "d", "gpu": "0"}
 
 
-def test_scrape_config_targets_labels_and_loopback_warning() -> None:
+def test_scrape_config_targets_labels_and_loopback_warning(tmp_path: Path) -> None:
+    key = tmp_path / "box2.key"
+    key.write_text("sk-box2\n")
     hosts = [
         _host(
             "box1",
             "10.0.0.1",
-            {**INST, "name": "a", "host": "0.0.0.0", "port": 8080},
+            {**INST, "name": "a", "host": "0.0.0.0", "port": 8080, "allow_unauthenticated": True},
             {**INST, "name": "b", "gpu": "1", "port": 8081},  # default 127.0.0.1
         ),
-        _host("box2", "box2.lan", {**INST, "name": "c", "host": "192.168.7.2", "port": 9000}),
-        _host("box3", "fd00::3", {**INST, "name": "d", "host": "::", "port": 8080}),
+        _host(
+            "box2",
+            "box2.lan",
+            {**INST, "name": "c", "host": "192.168.7.2", "port": 9000, "api_key_file": str(key)},
+        ),
+        _host(
+            "box3",
+            "fd00::3",
+            {**INST, "name": "d", "host": "::", "port": 8080, "allow_unauthenticated": True},
+        ),
     ]
     config, warnings = scrape_config(hosts, node_exporter_port=9101)
     jobs = {job["job_name"]: job["static_configs"] for job in config["scrape_configs"]}
     assert jobs[LLAMA_JOB] == [
         {"targets": ["10.0.0.1:8080"], "labels": {"host": "box1", "instance_name": "a"}},
-        {"targets": ["192.168.7.2:9000"], "labels": {"host": "box2", "instance_name": "c"}},
         {"targets": ["[fd00::3]:8080"], "labels": {"host": "box3", "instance_name": "d"}},
+    ]
+    # the keyed instance: its own job sends the key and is relabelled to the llama-server job
+    keyed = config["scrape_configs"][1]
+    assert keyed["job_name"] == f"{LLAMA_JOB}-key1"
+    assert keyed["authorization"] == {"type": "Bearer", "credentials_file": str(key)}
+    assert keyed["relabel_configs"] == [{"target_label": "job", "replacement": LLAMA_JOB}]
+    assert keyed["static_configs"] == [
+        {"targets": ["192.168.7.2:9000"], "labels": {"host": "box2", "instance_name": "c"}}
     ]
     assert jobs[NODE_JOB] == [
         {"targets": ["10.0.0.1:9101"], "labels": {"host": "box1"}},
@@ -167,9 +184,19 @@ def test_scrape_config_targets_labels_and_loopback_warning() -> None:
 
 
 def test_rendered_config_passes_promtool_check_config(tmp_path: Path) -> None:
+    key = tmp_path / "k.key"
+    key.write_text("sk-k\n")
     shutil.copy(MONITORING / "alerts.yml", tmp_path / "alerts.yml")
-    hosts = [_host("box1", "10.0.0.1", {**INST, "name": "a", "host": "0.0.0.0"})]
+    hosts = [
+        _host(
+            "box1",
+            "10.0.0.1",
+            {**INST, "name": "a", "host": "0.0.0.0", "allow_unauthenticated": True},
+            {**INST, "name": "k", "host": "0.0.0.0", "port": 8081, "api_key_file": str(key)},
+        )
+    ]
     config, _ = scrape_config(hosts, rule_files=["alerts.yml"])
+    assert len(config["scrape_configs"]) == 3  # the keyed instance's job is checked too
     text = render(config, "a header\n\nover lines")
     assert text.startswith("# a header\n#\n# over lines\n")
     (tmp_path / "prometheus.yml").write_text(text)
@@ -193,7 +220,8 @@ def test_prometheus_config_command(tmp_path: Path) -> None:
     (tmp_path / "inventory.py").write_text(
         "hosts = [\n"
         "    ('box1', {'ssh_hostname': '10.0.0.1', 'llama_instances': [\n"
-        "        {'name': 'a', 'target': 't', 'drafter': 'd', 'gpu': '0', 'host': '0.0.0.0'}]}),\n"
+        "        {'name': 'a', 'target': 't', 'drafter': 'd', 'gpu': '0', 'host': '0.0.0.0',\n"
+        "         'allow_unauthenticated': True}]}),\n"
         "    ('box2', {'llama_instances': [{'name': 'b', 'target': 't', 'drafter': 'd'}]}),\n"
         "    ('box3', {'llama_instances': [{'name': 'c', 'target': 'nope'}]}),\n"
         "]\n"

@@ -10,6 +10,7 @@ from jinja2 import Environment, FileSystemLoader
 
 from gemma4_fleet.config import ConfigError, parse_host_config
 from gemma4_fleet.render import parse_help_flags, server_argv, smoke_argv
+from gemma4_fleet.vram_plan import with_kv
 from tests.unit.test_config import host_data
 
 pytestmark = pytest.mark.unit
@@ -82,7 +83,7 @@ def test_the_server_and_the_smoke_check_get_a_credential_path_not_the_key(tmp_pa
     key.write_text("sk-never-rendered\n")
     config = parse_host_config("box1", instance(host="0.0.0.0", api_key_file=str(key)))
     inst = config.instances[0]
-    argv = server_argv(config, inst)
+    argv = server_argv(config, with_kv(inst, "q8_0"))  # as a plan settles "auto"
     assert argv[-2:] == ["--api-key-file", "/run/credentials/llama-server-gemma4.service/api-key"]
     smoke = smoke_argv(config, inst)
     i = smoke.index("--api-key-file")
