@@ -2,12 +2,13 @@
 # Device-call wrapper (this workplace's GPU machine): stash what this call carried under
 # /tmp/g4fh/carry (a later call on the same warm machine may carry only the rest), then run
 # scripts/gpu_host_proof.sh detached and wait for it at most $WAIT seconds; results to $OUT.
-#   bash .carry/device.sh [--smoke|--cpu]      WAIT=560 by default
-# (copy this file to .carry/device.sh: the device call runs it from the carried folder)
+#   bash .carry/device.sh [--smoke|--cpu|--tune]      WAIT=560 by default
+# (copy this file to .carry/device.sh: the device call runs it from the carried folder;
+# G4F_CARRY_SRC=.carry/NAME when the carried folder is another one under the checkout)
 set -uo pipefail
 W=/tmp/g4fh
 mkdir -p "$W/carry" "$W/outdir"
-cp -r .carry/. "$W/carry/"
+cp -r "${G4F_CARRY_SRC:-.carry}/." "$W/carry/"
 if [ ! -f "$W/carry/code.tar.gz" ] || [ ! -d "$W/carry/rootfs" ]; then
     echo "nothing to run yet: stashed $(ls "$W/carry")"; exit 0
 fi

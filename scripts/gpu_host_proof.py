@@ -27,6 +27,10 @@ from gemma4_fleet.testfleet.mirrors import git_mirror
 MIRROR_PORT = 8765
 HOST = "g4f-gpuhost"
 QUERY_GPU = "index,uuid,name,memory.total,memory.used,compute_cap"
+TUNE_AGREEMENT = 0.6
+# The recipe's wanted ctx (the 12B shape's n_ctx_train) and the 24 GB budget of docs/tuning.md.
+TUNE_CTX = 131072
+BUDGET_24GB = 'gpu_memory_mib={"0": 24564}'
 R: dict[str, Any] = {"steps": {}}
 T0 = time.monotonic()
 
@@ -50,6 +54,8 @@ class Proof:
         self.cpu: bool = args.cpu
         self.smoke_only: bool = args.smoke
         self.reuse_root: bool = args.reuse_root
+        # --tune: issue 14's GPU proof (a cycle pair, deploy + `gemma4-fleet tune` per budget).
+        self.tune: bool = args.tune
 
     # -- helpers -------------------------------------------------------------------------
     def save(self) -> None:
@@ -152,9 +158,14 @@ class Proof:
         models = self.work / "mirror" / "models"
         models.mkdir(parents=True, exist_ok=True)
         shapes = "tiny" if self.cpu else "tiny 12b"
+        agreement = ""
+        if self.tune:
+            shapes = "tiny" if self.cpu else "12b"
+            agreement = f"--agreement {TUNE_AGREEMENT}"
         script = (
-            f"set -e; for s in {shapes}; do {sys.executable} -m gemma4_fleet.synthetic "
-            f"{gen}/$s --tokenizer-from {tok} --shape $s; "
+            f"set -e; rm -f {gen}/pairs.txt; for s in {shapes}; do "
+            f"{sys.executable} -m gemma4_fleet.synthetic {gen}/$s --tokenizer-from {tok} "
+            f"--shape $s {agreement} | tee -a {gen}/pairs.txt; "
             f"ln -f {gen}/$s/*.gguf {models}/; done; touch {gen}/done"
         )
         log = (self.logs / "models.txt").open("w")
@@ -215,6 +226,15 @@ class Proof:
                 self.gpus.append({"index": int(p[0]), "uuid": p[1], "mib": int(p[3])})
         keep = ("unpack_s", "boot_s", "ssh_s", "system_state", "driver", "ssh_hostname")
         return {k: info.get(k) for k in keep} | inside
+
+    def install_debs(self) -> str:
+        """Packages the deploy wants that the carried root filesystem lacks (built before they
+        were added): the host has no network, so they come as .deb files (carry/debs/)."""
+        dest = self.host.root / "root/debs"
+        dest.mkdir(parents=True, exist_ok=True)
+        for deb in sorted((self.carry / "debs").glob("*.deb")):
+            shutil.copy(deb, dest / deb.name)
+        return self.inside("dpkg -i /root/debs/*.deb 2>&1 | tail -n 4 && rm -rf /root/debs")
 
     def cuda_inside(self) -> str:
         """nvcc and the host's gcc build a CUDA program inside the host, which then runs there."""
@@ -327,7 +347,7 @@ class Proof:
             }
         return base | over
 
-    def plan(self, label: str) -> dict[str, Any]:
+    def plan(self, label: str, *extra: str) -> dict[str, Any]:
         cmd = [
             sys.executable,
             "-m",
@@ -335,6 +355,7 @@ class Proof:
             "plan",
             "inventories/gpuhost.py",
             "--from-hosts",
+            *extra,
         ]
         table = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
         js = subprocess.run(
@@ -350,6 +371,8 @@ class Proof:
                 "gpu": r["gpu"],
                 "ctx": r["ctx"],
                 "budget_source": r["budget_source"],
+                "kv": r.get("cache_type_k"),
+                "kv_reason": r.get("kv_reason"),
                 "budget_mib": r["bytes"]["budget"] // 2**20,
                 "planned_mib": (
                     r["bytes"]["weights"]
@@ -394,6 +417,11 @@ class Proof:
         if not R["steps"]["boot"]["ok"]:
             return
         R["gpus"] = self.gpus
+        if sorted((self.carry / "debs").glob("*.deb")):
+            self.step("carried packages installed", self.install_debs)
+        if self.tune:
+            self.run_tune(gen)
+            return
         if self.smoke_only:
             self.step("CUDA program built and run inside", self.cuda_inside)
             return
@@ -437,6 +465,145 @@ class Proof:
         if len(self.gpus) >= 2:
             self.step("two instances, one per GPU", self.two_gpus)
             self.step("surgical redeploy of one", self.surgical)
+
+    # -- issue 14: `gemma4-fleet tune` on the GPU host ---------------------------------------
+    def run_tune(self, gen: subprocess.Popen[bytes]) -> None:
+        """Deploy the cycle pair at the recipe's ctx, tune, deploy the profile: per budget."""
+        os.environ["G4F_GPUHOST_STATE"] = str(self.work / "host")
+        os.environ["G4F_GPUHOST_DATA"] = str(self.data_file)
+        files = self.step("cycle pair generated", lambda: self.cycle_pair(gen))
+        if not files:
+            return
+        self.write_data(self.tune_data(files))
+        phases = [("cpu", [])] if self.cpu else [("24gb", [BUDGET_24GB]), ("full", [])]
+        for label, data in phases:
+            ok = self.tune_phase(label, data)
+            if not ok:
+                self.step(
+                    f"{label}: journal",
+                    lambda: self.inside("journalctl -b --no-pager -n 80 -u 'llama-*'"),
+                )
+                return
+            if label == "24gb":
+                self.step(
+                    "build time",
+                    lambda: self.inside(
+                        "for f in /opt/llama.cpp/build/*.log; do "
+                        "echo build_s=$(( $(stat -c %Y $f) - $(stat -c %W $f) )) $f; done; nproc"
+                    ),
+                )
+
+    def cycle_pair(self, gen: subprocess.Popen[bytes]) -> dict[str, dict[str, Any]]:
+        """Wait for synthetic.py; each file's sha256 (as it printed it) and size."""
+        gen.wait(timeout=900)
+        if gen.returncode:
+            log = (self.logs / "models.txt").read_text()[-1500:]
+            raise RuntimeError(f"synthetic.py failed (rc {gen.returncode}): {log}")
+        files: dict[str, dict[str, Any]] = {}
+        for line in (self.work / "gen" / "pairs.txt").read_text().splitlines():
+            if "  sha256=" in line:
+                path, sha = line.split("  sha256=")
+                files[Path(path).name] = {"sha256": sha.strip(), "size": Path(path).stat().st_size}
+        return files
+
+    def tune_data(self, files: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """One instance: the cycle target + its 0.6 drafter at the recipe's ctx, KV `auto`."""
+        url = f"http://127.0.0.1:{MIRROR_PORT}"
+        models = {}
+        for name, f in files.items():
+            role = "drafter" if "-assistant" in name else "target"
+            models[f"cycle-{role}"] = {
+                "role": role,
+                "file": name,
+                "url": f"{url}/models/{name}",
+                "sha256": f["sha256"],
+                "size": f["size"],
+            }
+        inst: dict[str, Any] = {
+            "name": "gemma4",
+            "target": "cycle-target",
+            "drafter": "cycle-drafter",
+            "gpu": "0",
+            "port": 8080,
+            "ctx_size": TUNE_CTX,
+        }
+        build: dict[str, Any] = {"cuda": True, "jobs": os.cpu_count()}
+        if self.cpu:
+            inst = {k: v for k, v in inst.items() if k != "gpu"} | {"ctx_size": 8192, "threads": 2}
+            build = {"cuda": False, "ccache_dir": "/var/cache/g4f-ccache"}
+        return {
+            "llamacpp": {"git_url": f"{url}/llama.cpp.git", "commit": self.commit},
+            "llamacpp_build": build,
+            "llama_models": models,
+            "llama_instances": [inst],
+            "gpu_services": [],
+        }
+
+    def fleet_cli(self, label: str, *args: str) -> dict[str, Any]:
+        """`gemma4-fleet ARGS` as a user runs it (stdout and stderr logged)."""
+        self.n_run += 1
+        log = self.logs / f"cli-{self.n_run:02d}-{label}.txt"
+        cmd = [sys.executable, "-m", "gemma4_fleet.cli", *args]
+        t = time.monotonic()
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=2400)
+        secs = round(time.monotonic() - t, 1)
+        log.write_text("gemma4-fleet " + " ".join(args) + "\n\n" + res.stdout + res.stderr)
+        say(f"gemma4-fleet {label}: rc {res.returncode} in {secs} s")
+        return {"rc": res.returncode, "s": secs, "stdout": res.stdout, "stderr": res.stderr[-3000:]}
+
+    def server_flags(self) -> dict[str, Any]:
+        """The unit's llama-server flags that tune decides, and what the GPU holds for it."""
+        exec_start = self.inside("systemctl show -p ExecStart llama-server-gemma4.service")
+        keep = ("-c", "-ctk", "-ctv", "-ctkd", "-ctvd", "--spec-type", "--spec-draft-n-max", "-np")
+        words = exec_start.split()
+        flags = {w: words[i + 1] for i, w in enumerate(words[:-1]) if w in keep}
+        return {"flags": flags, **self.residency(["gemma4"])["gemma4"]}
+
+    def tune_phase(self, label: str, data: list[str]) -> bool:
+        """plan, deploy (recipe + KV auto), tune, deploy again (profile applied), plan."""
+        folder = self.work / "tuned" / label
+        folder.mkdir(parents=True, exist_ok=True)
+        os.environ["G4F_TUNED_DIR"] = str(folder)
+        extra = [x for d in data for x in ("--data", d)]
+        inv = "inventories/gpuhost.py"
+        self.step(f"{label}: plan", lambda: self.plan(f"{label}-before", *extra))
+        run = self.step(
+            f"{label}: deploy",
+            lambda: self.pyinfra(f"{label}-deploy", "deploys/gemma4_mtp.py", *extra),
+        )
+        if not run or run.get("rc"):
+            return False
+        self.step(f"{label}: unit before tune", self.server_flags)
+        self.step(f"{label}: smoke reports (deploy)", self.smoke_reports)
+        tune = self.step(
+            f"{label}: tune",
+            lambda: self.fleet_cli(
+                f"{label}-tune",
+                "tune",
+                inv,
+                *extra,
+                "--n-predict",
+                "128",
+                "--reps",
+                "2",
+                "--tuned-dir",
+                str(folder),
+            ),
+        )
+        if tune:
+            R.setdefault("tune_tables", {})[label] = tune["stdout"]
+        profile = folder / f"{HOST}.json"
+        if not profile.exists():
+            return False
+        self.step(f"{label}: profile", lambda: json.loads(profile.read_text())["instances"])
+        run = self.step(
+            f"{label}: deploy tuned",
+            lambda: self.pyinfra(f"{label}-tuned", "deploys/gemma4_mtp.py", *extra),
+        )
+        self.step(f"{label}: unit tuned", self.server_flags)
+        self.step(f"{label}: smoke reports (tuned deploy)", self.smoke_reports)
+        self.step(f"{label}: plan tuned", lambda: self.plan(f"{label}-tuned", *extra))
+        return bool(run) and not run.get("rc")
 
     def unit_checks(self) -> dict[str, Any]:
         return {
@@ -728,6 +895,8 @@ def summary() -> str:
         f"boot: unpack {boot.get('unpack_s')} s, nspawn -> running {boot.get('boot_s')} s, "
         f"ssh {boot.get('ssh_s')} s",
     ]
+    for label, table in (R.get("tune_tables") or {}).items():
+        lines += ["", f"### gemma4-fleet tune ({label})", "", "```", table.rstrip(), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -757,6 +926,7 @@ def main() -> int:
     p.add_argument("--cpu", action="store_true", help="dry run without a GPU")
     p.add_argument("--smoke", action="store_true", help="boot and a CUDA program inside only")
     p.add_argument("--reuse-root", action="store_true", help="boot the root already unpacked")
+    p.add_argument("--tune", action="store_true", help="issue 14: deploy + tune, 24 GB and full")
     args = p.parse_args()
     proof = Proof(args)
     try:

@@ -6,9 +6,12 @@
 #   whl/*.whl                 pyinfra, paramiko, pydantic, gguf, ... for the machine's python3
 #   llama.cpp-src.tar.xz      the llama.cpp tree the host builds (served as a git mirror)
 #   tok.gguf.xz, pairs.txt, pairs-sizes.json, gguf-meta/   the synthetic pairs' tokenizer and checksums
+#   debs/*.deb                (optional) packages installed in the host before the deploy
 #   code.tar.gz               (optional) the project tree to run instead of this checkout
 #
-#   usage: OUT=DIR bash scripts/gpu_host_proof.sh     (results in DIR, work files in /tmp/g4fh)
+#   usage: OUT=DIR bash scripts/gpu_host_proof.sh [--tune]   (results in DIR, work in /tmp/g4fh)
+#   --tune: issue 14 (docs/tuning.md): the 12B cycle pair at agreement 0.6, ctx 131072, deploy +
+#   gemma4-fleet tune + deploy of the profile, with a 24 GB budget and on the full GPU
 set -uo pipefail
 : "${OUT:?OUT must name the output folder}"
 REPO=$(pwd)
@@ -32,6 +35,6 @@ rc=$?
 cp "$W/results.json" "$OUT/" 2>/dev/null
 [ -f "$W/summary.md" ] && cp "$W/summary.md" "$OUT/"
 tar -C "$W" -czf "$OUT/logs.tar.gz" logs results.json nvidia-smi-query-gpu.csv \
-    nvidia-smi-query-gpu-inside.csv host/console.log out 2>/dev/null
+    nvidia-smi-query-gpu-inside.csv host/console.log out tuned 2>/dev/null
 [ -d "$CODE/out" ] && tar -C "$CODE" -czf "$OUT/smoke-reports.tar.gz" out
 exit $rc
