@@ -554,7 +554,16 @@ class Proof:
     def server_flags(self) -> dict[str, Any]:
         """The unit's llama-server flags that tune decides, and what the GPU holds for it."""
         exec_start = self.inside("systemctl show -p ExecStart llama-server-gemma4.service")
-        keep = ("-c", "-ctk", "-ctv", "-ctkd", "-ctvd", "--spec-type", "--spec-draft-n-max", "-np")
+        keep = (
+            "--ctx-size",
+            "--cache-type-k",
+            "--cache-type-v",
+            "--cache-type-k-draft",
+            "--cache-type-v-draft",
+            "--spec-type",
+            "--spec-draft-n-max",
+            "--parallel",
+        )
         words = exec_start.split()
         flags = {w: words[i + 1] for i, w in enumerate(words[:-1]) if w in keep}
         return {"flags": flags, **self.residency(["gemma4"])["gemma4"]}
