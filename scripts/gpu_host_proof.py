@@ -163,7 +163,7 @@ class Proof:
             shapes = "tiny" if self.cpu else "12b"
             agreement = f"--agreement {TUNE_AGREEMENT}"
         script = (
-            f"set -e; rm -f {gen}/pairs.txt; for s in {shapes}; do "
+            f"set -e; mkdir -p {gen}; rm -f {gen}/pairs.txt; for s in {shapes}; do "
             f"{sys.executable} -m gemma4_fleet.synthetic {gen}/$s --tokenizer-from {tok} "
             f"--shape $s {agreement} | tee -a {gen}/pairs.txt; "
             f"ln -f {gen}/$s/*.gguf {models}/; done; touch {gen}/done"
