@@ -15,6 +15,7 @@ from pyinfra.api import State, deploy
 from pyinfra.operations import python
 from pyinfra.operations.util import any_changed
 
+from gemma4_fleet import connection
 from gemma4_fleet import operations as g4f
 from gemma4_fleet.config import HostConfig, server_unit
 from gemma4_fleet.deploys.build import llama_cpp, toolchain
@@ -28,6 +29,8 @@ from gemma4_fleet.gpu_devices import gpu_devices
 from gemma4_fleet.pipeline import FleetConfigError, HostSetup, host_setups
 
 __all__ = ["gemma4_mtp", "host_setup", "redeploy_unit"]
+
+connection.install()  # a host lost mid-run fails alone
 
 _setups: weakref.WeakKeyDictionary[State, dict[str, HostSetup]] = weakref.WeakKeyDictionary()
 

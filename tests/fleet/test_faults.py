@@ -290,6 +290,7 @@ def test_a_host_powered_off_mid_deploy_converges_on_the_rerun(
     run = finish(proc, lines)
     try:
         assert run.returncode != 0
+        assert "EOFError" not in run.output, run.output[-3000:]  # node2 failed alone
         assert "--spec-draft-p-min 0.25" in running_argv(fleet, NODE)
         assert requests.get(f"http://{fleet.hosts[NODE].address}:8080/health", timeout=10).ok
     finally:
@@ -313,7 +314,8 @@ def test_ctrl_c_on_the_controller_then_a_rerun_converges(fleet: Fleet, restore_a
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     run = finish(proc, lines)
-    assert run.returncode != 0
+    # pyinfra's CLI exits 0 on Ctrl-C ("Exiting upon user request!"): the interrupt shows there.
+    assert "Exiting upon user request" in run.output, run.output[-2000:]
     states = {name: "0.25" in running_argv(fleet, name) for name in fleet.hosts}
     for name in fleet.hosts:
         # Whatever state the hosts were left in, they still serve (old or new unit).

@@ -64,6 +64,7 @@ def host_data(fleet: Fleet, pair: SyntheticPair) -> list[str]:
         "drafter": "cyc",
         "ctx_size": 1024,
         "host": "0.0.0.0",
+        "allow_unauthenticated": True,  # the fleet's bridge is private to this machine
         "port": 8081,
         "threads": 2,
     }
