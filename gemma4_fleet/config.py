@@ -32,6 +32,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
     field_validator,
     model_validator,
@@ -167,6 +168,7 @@ HOST_DATA_KEYS = {
     "gpu_memory_mib": "gpu_memory_mib",
     "vram_headroom_mib": "vram_headroom_mib",
     "smoke": "llama_smoke",
+    "builder": "llama_builder",
 }
 
 
@@ -486,6 +488,9 @@ class HostConfig(_Model):
     gpu_memory_mib: dict[GpuRef, Annotated[int, Field(gt=0)]] = {}
     vram_headroom_mib: Annotated[int, Field(ge=0)] = 512
     smoke: SmokeConfig = SmokeConfig()
+    # This host compiles its build id for the fleet (the others get the artifact); at most one
+    # host per build id. Default: the first host of that id in the inventory.
+    builder: StrictBool = False
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         """(host-data field, problem) for rules that span fields: references, clashes."""
