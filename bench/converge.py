@@ -14,12 +14,13 @@ changed), the artifacts placed from the controller cache, and the model fetches 
 
     bench/converge.py --hosts 1,3 --runs 3                 # each run: empty controller cache
     bench/converge.py --hosts 8 --runs 3 --ccache empty    # each host compiles from nothing
+    bench/converge.py --hosts 1,3 --cache-dir /tmp/g4f-bench-cache   # keep artifacts
 
 Run as root from the repository root, with no other fleet on the same name.
 `--ccache shared` (the default) binds the harness's shared ccache into every host, as the demo
 does, so a compile takes about a minute instead of 6-7; `empty` leaves each host its own empty
-ccache. `--controller-cache` `cold` (default) starts every run with an empty controller cache,
-`warm` keeps the artifact between runs (a first converge then compiles nothing).
+ccache. Every run starts with an empty controller cache (G4F_CACHE) unless `--cache-dir` names
+one to keep between runs: with the build's artifact in it, a first converge compiles nothing.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def main() -> None:
     parser.add_argument("--hosts", default="1,2,4,8", help="host counts, e.g. 1,3")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--ccache", choices=("shared", "empty"), default="shared")
-    parser.add_argument("--controller-cache", choices=("cold", "warm"), default="cold")
+    parser.add_argument("--cache-dir", type=Path, help="controller cache kept between runs")
     parser.add_argument("--parallel", type=int, default=0, help="pyinfra --parallel (0: all)")
     parser.add_argument("--fleet", default="g4b")
     parser.add_argument("--network", type=int, default=3)
@@ -155,10 +156,10 @@ def main() -> None:
     fleet = Fleet(name=args.fleet, network=args.network)
     results: dict[int, list[dict[str, Any]]] = {}
     try:
-        with tempfile.TemporaryDirectory() as warm:
+        with tempfile.TemporaryDirectory() as cold:
             for count in (int(n) for n in args.hosts.split(",")):
                 for i in range(args.runs):
-                    cache = Path(warm) if args.controller_cache == "warm" else Path(warm) / str(i)
+                    cache = args.cache_dir or Path(cold) / f"{count}-{i}"
                     run = one_run(fleet, count, args, cache)
                     results.setdefault(count, []).append(run)
                     print(f"{count} hosts, run {i + 1}: {json.dumps(run)}", flush=True)
