@@ -41,6 +41,7 @@ class BuildRole:
     publish: bool = False  # pack this host's build into the controller cache
     install: bool = False  # unpack the artifact from the controller cache
     source: str = ""  # where the build comes from: a host name or CONTROLLER_CACHE
+    installed: bool = False  # complete on the host already (read once, for the whole fleet)
 
 
 def builder_problems(configs: Mapping[str, HostConfig]) -> list[str]:
@@ -72,14 +73,14 @@ def share_builds(hosts: Sequence[BuildHost], cached: Collection[str]) -> dict[st
         needing = [h for h in group if not h.installed]
         holders = [h for h in group if h.installed]
         for h in holders:
-            roles[h.name] = BuildRole(source=h.name)
+            roles[h.name] = BuildRole(source=h.name, installed=True)
         if not needing:
             continue
         if build_id in cached:
             source = CONTROLLER_CACHE
         elif holders:
             publisher = next((h for h in holders if h.marked), holders[0])
-            roles[publisher.name] = BuildRole(publish=True, source=publisher.name)
+            roles[publisher.name] = BuildRole(publish=True, source=publisher.name, installed=True)
             source = publisher.name
         else:
             builder = next((h for h in needing if h.marked), needing[0])

@@ -127,7 +127,10 @@ def build(config: HostConfig, role: BuildRole | None = None) -> Commands:
       that gets the build from the controller cache compiles nothing
     """
     if role is not None and not role.compile:
-        host.noop(f"llama.cpp build {config.build_id}: not compiled here (from {role.source})")
+        if role.installed:
+            host.noop(f"llama.cpp build {config.build_id} already installed")
+        else:
+            host.noop(f"llama.cpp build {config.build_id}: not compiled here (from {role.source})")
         return
     if host.get_fact(LlamaCppBuildInfo, build_dir=config.build_dir) is not None:
         host.noop(f"llama.cpp build {config.build_id} already installed")

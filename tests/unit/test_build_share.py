@@ -68,7 +68,7 @@ def test_nobody_compiles_what_the_cache_or_a_host_already_has() -> None:
     # the marked host lacks the build but another has it: that copy is packed, no compile
     held = roles([BuildHost("a", "id1", True), BuildHost("b", "id1", False, marked=True)])
     assert held == {
-        "a": BuildRole(publish=True, source="a"),
+        "a": BuildRole(publish=True, source="a", installed=True),
         "b": BuildRole(install=True, source="a"),
     }
     # everybody has it: nothing to do, nothing packed (a no-op stays a no-op)
@@ -157,6 +157,11 @@ def test_only_the_publishing_host_packs_and_only_installing_hosts_place(
 
     installed = RecordedHost(fact(LlamaCppBuildInfo, {"id": "x"}, build_dir=config.build_dir))
     assert run_op(g4f.install_build, installed, config=config, role=install, artifact="a") == []
+    # the fleet's plan read the build directory already: no second round trip for it
+    have = BuildRole(source="box1", installed=True)
+    nothing = RecordedHost({})
+    assert run_op(g4f.build, nothing, config=config, role=have) == []
+    assert nothing.noops == [f"llama.cpp build {config.build_id} already installed"]
 
 
 def _tarball(files: dict[str, bytes]) -> bytes:
