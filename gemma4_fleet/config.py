@@ -35,6 +35,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
     field_validator,
     model_validator,
@@ -177,6 +178,7 @@ HOST_DATA_KEYS = {
     "vram_headroom_mib": "vram_headroom_mib",
     "smoke": "llama_smoke",
     "drain": "llama_drain",
+    "builder": "llama_builder",
 }
 
 
@@ -533,6 +535,9 @@ class HostConfig(_Model):
     vram_headroom_mib: Annotated[int, Field(ge=0)] = 512
     smoke: SmokeConfig = SmokeConfig()
     drain: DrainConfig = DrainConfig()
+    # This host compiles its build id for the fleet (the others get the artifact); at most one
+    # host per build id. Default: the first host of that id in the inventory.
+    builder: StrictBool = False
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         """(host-data field, problem) for rules that span fields: references, clashes."""

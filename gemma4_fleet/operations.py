@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import posixpath
+import re
 from collections.abc import Generator
 from io import StringIO
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 from pyinfra import host, state
 from pyinfra.api import (
+    FileDownloadCommand,
     FileUploadCommand,
     FunctionCommand,
     QuoteString,
@@ -23,6 +25,14 @@ from pyinfra.api.host import Host
 from pyinfra.api.util import get_template
 from pyinfra.facts.files import File, Sha256File
 
+from gemma4_fleet.build_share import (
+    CONTROLLER_CACHE,
+    BuildRole,
+    artifact_problem,
+    checksum_path,
+    is_cached,
+    store_artifact,
+)
 from gemma4_fleet.config import HostConfig, ModelFile
 from gemma4_fleet.facts import GitHead, LlamaCppBuildInfo, LlamaServerFlags, ModelFileStamp
 from gemma4_fleet.host_scripts.prune import MARKER as OWNED_MARKER
@@ -30,7 +40,9 @@ from gemma4_fleet.progress import curl_progress, ninja_progress, with_progress
 from gemma4_fleet.render import DRAIN_SCRIPT, PRUNE_SCRIPT, VERIFY_SCRIPT
 
 logger = logging.getLogger("gemma4_fleet")
-Commands = Generator[StringCommand | FunctionCommand | FileUploadCommand, None, None]
+Commands = Generator[
+    StringCommand | FunctionCommand | FileUploadCommand | FileDownloadCommand, None, None
+]
 
 
 def _fail(state: State, host: Host, reason: str) -> bool:
@@ -109,14 +121,22 @@ def cmake_options(config: HostConfig) -> list[str]:
 
 
 @operation()
-def build(config: HostConfig) -> Commands:
+def build(config: HostConfig, role: BuildRole | None = None) -> Commands:
     """Build llama-server and llama-bench into the versioned directory of this config.
 
     The build happens in a scratch folder; only a finished build is renamed into place, so a
     failed build leaves the previous one (which the unit still points at) serving.
 
     + config: the host's validated configuration (commit, build options, install root)
+    + role: this host's part in the fleet's build (None: compile here when missing); a host
+      that gets the build from the controller cache compiles nothing
     """
+    if role is not None and not role.compile:
+        if role.installed:
+            host.noop(f"llama.cpp build {config.build_id} already installed")
+        else:
+            host.noop(f"llama.cpp build {config.build_id}: not compiled here (from {role.source})")
+        return
     if host.get_fact(LlamaCppBuildInfo, build_dir=config.build_dir) is not None:
         host.noop(f"llama.cpp build {config.build_id} already installed")
         return
@@ -151,6 +171,114 @@ def build(config: HostConfig) -> Commands:
         what=f"llama.cpp build {config.build_id}",
         log_path=f"{root}/build/{config.build_id}.log",
         parse=ninja_progress,
+    )
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def _mkdir_local(state: State, host: Host, path: str) -> bool:
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return True
+
+
+def _store(state: State, host: Host, received: str, artifact: str) -> bool:
+    """Controller side of publish_build: keep what arrived only if it is what the host packed."""
+    sha_file = Path(f"{received}.sha256")
+    want = sha_file.read_text().strip() if sha_file.is_file() else ""
+    sha_file.unlink(missing_ok=True)
+    problem = store_artifact(Path(received), want, Path(artifact))
+    if problem:
+        return _fail(state, host, f"host {host.name}: llama.cpp build artifact: {problem}")
+    return True
+
+
+def _check_artifact(state: State, host: Host, artifact: str, build_id: str, source: str) -> bool:
+    """Controller side of install_build: never send an artifact that fails its checksum."""
+    problem = artifact_problem(Path(artifact))
+    if problem is None:
+        return True
+    if not Path(artifact).is_file() and source != CONTROLLER_CACHE:
+        problem += f" ({source}, which was to build it, did not put it there: see that host)"
+    return _fail(
+        state,
+        host,
+        f"host {host.name}: llama.cpp build {build_id}: {problem}; the build it has keeps serving",
+    )
+
+
+@operation()
+def publish_build(config: HostConfig, role: BuildRole, artifact: str) -> Commands:
+    """Pack this host's build directory (tar.gz + sha256) into the controller cache.
+
+    The controller keeps the artifact only when the bytes that arrived have the sha256 the
+    host computed; it is renamed into place, its checksum file last.
+
+    + config: the host's validated configuration (build id, install root)
+    + role: this host's part in the fleet's build; only a publishing host packs
+    + artifact: the path in the controller cache (`<cache>/builds/<build id>.tar.gz`)
+    """
+    if not role.publish:
+        return
+    if is_cached(Path(artifact)):
+        host.noop(f"llama.cpp build {config.build_id} already in the controller cache")
+        return
+    root = config.build.install_root
+    packed = f"{root}/build/{config.build_id}.tar.gz"
+    received = f"{artifact}.{_safe_name(host.name)}.partial"
+    yield _script(
+        'mkdir -p "$root/build"; tar -C "$root/builds/$id" -czf "$tmp" .; '
+        'sha256sum <"$tmp" | cut -d" " -f1 >"$tmp.sha256"',
+        root=root,
+        id=config.build_id,
+        tmp=packed,
+    )
+    yield FunctionCommand(_mkdir_local, (str(Path(artifact).parent),), {})
+    yield FileDownloadCommand(f"{packed}.sha256", f"{received}.sha256")
+    yield FileDownloadCommand(packed, received)
+    yield FunctionCommand(_store, (received, artifact), {})
+    yield StringCommand("rm", "-f", QuoteString(packed), QuoteString(f"{packed}.sha256"))
+
+
+@operation()
+def install_build(config: HostConfig, role: BuildRole, artifact: str) -> Commands:
+    """Place the build from the controller cache, verified, into builds/<id> atomically.
+
+    The artifact is checked against its sha256 on the controller before it is sent and on the
+    host before it is unpacked; it is unpacked into a scratch folder beside the builds and
+    renamed into place, so a bad artifact changes nothing and the running build keeps serving.
+
+    + config: the host's validated configuration (build id, install root)
+    + role: this host's part in the fleet's build; only an installing host places it
+    + artifact: the path in the controller cache (`<cache>/builds/<build id>.tar.gz`)
+    """
+    if not role.install:
+        return
+    if host.get_fact(LlamaCppBuildInfo, build_dir=config.build_dir) is not None:
+        host.noop(f"llama.cpp build {config.build_id} already installed")
+        return
+    root = config.build.install_root
+    upload = f"{root}/build/{config.build_id}.tar.gz"
+    yield FunctionCommand(_check_artifact, (artifact, config.build_id, role.source), {})
+    yield StringCommand("mkdir", "-p", QuoteString(f"{root}/build"), QuoteString(f"{root}/builds"))
+    yield FileUploadCommand(artifact, upload)
+    yield FileUploadCommand(str(checksum_path(Path(artifact))), f"{upload}.sha256")
+    yield _script(
+        'want="$(cut -d" " -f1 <"$tmp.sha256")"; got="$(sha256sum <"$tmp" | cut -d" " -f1)"; '
+        'if [ "$got" != "$want" ]; then rm -f "$tmp" "$tmp.sha256"; '
+        'echo "sha256 mismatch for $tmp: got $got, expected $want; builds unchanged" >&2; '
+        "exit 1; fi; "
+        'stage="$root/builds/.$id.unpack"; rm -rf "$stage"; mkdir -p "$stage"; '
+        'if ! tar -C "$stage" -xzf "$tmp" || [ ! -x "$stage/bin/llama-server" ] '
+        '|| [ ! -f "$stage/BUILD-INFO" ]; then rm -rf "$stage" "$tmp" "$tmp.sha256"; '
+        'echo "$tmp is not a llama.cpp build; builds unchanged" >&2; exit 1; fi; '
+        ': >"$stage/$owned"; rm -f "$tmp" "$tmp.sha256"; '
+        'rm -rf "$root/builds/$id"; mv "$stage" "$root/builds/$id"',
+        root=root,
+        id=config.build_id,
+        tmp=upload,
+        owned=OWNED_MARKER,
     )
 
 

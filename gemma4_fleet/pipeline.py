@@ -20,6 +20,7 @@ from typing import Any
 
 from pyinfra.api import OperationError
 
+from gemma4_fleet.build_share import builder_problems
 from gemma4_fleet.config import (
     ConfigError,
     HostConfig,
@@ -210,6 +211,7 @@ def host_setups(
             continue
         warnings = (*stand_ins.get(name, {}).values(), *plan.warnings)
         setups[name] = HostSetup(config, plan, gpus or [], uuids, warnings)
+    errors += builder_problems({name: setup.config for name, setup in setups.items()})
     if errors:
         raise FleetConfigError(errors)
     return setups

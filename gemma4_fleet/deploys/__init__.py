@@ -12,11 +12,20 @@ from typing import Any
 
 from pyinfra import host, logger, state
 from pyinfra.api import State, deploy
+from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import python
 from pyinfra.operations.util import any_changed
 
 from gemma4_fleet import connection
 from gemma4_fleet import operations as g4f
+from gemma4_fleet.build_share import (
+    BuildHost,
+    BuildRole,
+    artifact_path,
+    is_cached,
+    share_builds,
+    share_key,
+)
 from gemma4_fleet.config import HostConfig, server_unit
 from gemma4_fleet.deploys.build import llama_cpp, toolchain
 from gemma4_fleet.deploys.gpu_services import gpu_services, pin_gpu_service
@@ -24,15 +33,16 @@ from gemma4_fleet.deploys.models import models
 from gemma4_fleet.deploys.removal import retired
 from gemma4_fleet.deploys.reporting import collected_reports, print_fleet_table
 from gemma4_fleet.deploys.units import instance_unit, servers, service_basics
-from gemma4_fleet.facts import Gpu, NvidiaGpus, PasswdLine
+from gemma4_fleet.facts import Gpu, LlamaCppBuildInfo, NvidiaGpus, PasswdLine
 from gemma4_fleet.gpu_devices import gpu_devices
 from gemma4_fleet.pipeline import FleetConfigError, HostSetup, host_setups
 
-__all__ = ["gemma4_mtp", "host_setup", "redeploy_unit"]
+__all__ = ["build_role", "gemma4_mtp", "host_setup", "redeploy_unit"]
 
 connection.install()  # a host lost mid-run fails alone
 
 _setups: weakref.WeakKeyDictionary[State, dict[str, HostSetup]] = weakref.WeakKeyDictionary()
+_roles: weakref.WeakKeyDictionary[State, dict[str, BuildRole]] = weakref.WeakKeyDictionary()
 
 
 def _gpu_facts(
@@ -58,6 +68,30 @@ def host_setup() -> HostSetup:
     return _setups[state][host.name]
 
 
+def build_role() -> BuildRole:
+    """This host's part in the fleet's builds; the first host to ask plans every host's.
+
+    Reads each active host's build directory once, and which builds the controller cache holds.
+    """
+    if state not in _roles:
+        host_setup()
+        setups = _setups[state]
+        hosts = [h for h in state.inventory.get_active_hosts() if h.name in setups]
+        fleet = [
+            BuildHost(
+                h.name,
+                share_key(setups[h.name].config.build_id, h.get_fact(LinuxDistribution)),
+                h.get_fact(LlamaCppBuildInfo, build_dir=setups[h.name].config.build_dir)
+                is not None,
+                setups[h.name].config.builder,
+            )
+            for h in hosts
+        ]
+        cached = {b.build_id for b in fleet if is_cached(artifact_path(b.build_id))}
+        _roles[state] = share_builds(fleet, cached)
+    return _roles[state][host.name]
+
+
 @deploy("Gemma 4 + MTP llama-server")
 def gemma4_mtp() -> None:
     """The whole job for one host: toolchain, build, models, removal of what is no longer
@@ -65,19 +99,19 @@ def gemma4_mtp() -> None:
     setup = host_setup()
     config = setup.config
     toolchain(config, setup.gpus)
-    build = llama_cpp(config)
+    built = llama_cpp(config, build_role())
     placed = models(config)
     gpu_devices(config)
     # Before the new units start: a removed instance may hold the port a new one wants.
     removed = retired(config)
-    changed = servers(setup, changed=[build, *placed])
+    changed = servers(setup, changed=[*built, *placed])
     gpu_services(setup)
     g4f.prune(
         name="Unused builds and model versions",
         install_root=config.build.install_root,
         models_dir=config.models_dir,
         unit_glob=server_unit("*"),
-        _if=any_changed(build, *placed, *changed, *removed),
+        _if=any_changed(*built, *placed, *changed, *removed),
     )
     since = time.time()
     python.call(

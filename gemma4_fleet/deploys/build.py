@@ -6,9 +6,11 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.deb import DebPackages
+from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import apt, files
 
 from gemma4_fleet import operations as g4f
+from gemma4_fleet.build_share import BuildRole, artifact_path, share_key
 from gemma4_fleet.config import HostConfig
 from gemma4_fleet.facts import CudaToolkit, Gpu, LlamaCppBuildInfo
 
@@ -63,10 +65,13 @@ def toolchain(config: HostConfig, gpus: list[Gpu]) -> None:
 
 
 @deploy("llama.cpp build")
-def llama_cpp(config: HostConfig) -> OperationMeta:
-    """Check out the pinned commit and build it into builds/<commit-options>, once.
+def llama_cpp(config: HostConfig, role: BuildRole) -> list[OperationMeta]:
+    """Check out the pinned commit and build it into builds/<commit-options>, once per fleet.
 
-    Nothing is fetched or built when that build directory is already complete.
+    Nothing is fetched or built when that build directory is already complete. Otherwise one
+    host per build id compiles and packs its build into the controller cache, and the others
+    unpack it from there (gemma4_fleet.build_share). Every host calls every operation, so the
+    build and pack on one host run before the placing on the others.
     """
     if config.build.cuda and not config.build.cuda_architectures:
         g4f.fail(
@@ -79,7 +84,7 @@ def llama_cpp(config: HostConfig) -> OperationMeta:
     files.directory(name="llama.cpp install root", path=root, mode="755")
 
     def missing() -> bool:
-        return host.get_fact(LlamaCppBuildInfo, build_dir=config.build_dir) is None
+        return role.compile and host.get_fact(LlamaCppBuildInfo, build_dir=config.build_dir) is None
 
     g4f.source(
         name=f"llama.cpp source at {config.llamacpp.short}",
@@ -88,4 +93,18 @@ def llama_cpp(config: HostConfig) -> OperationMeta:
         commit=config.llamacpp.commit,
         _if=missing,
     )
-    return g4f.build(name=f"Build llama.cpp {config.build_id}", config=config)
+    artifact = str(artifact_path(share_key(config.build_id, host.get_fact(LinuxDistribution))))
+    built = g4f.build(name=f"Build llama.cpp {config.build_id}", config=config, role=role)
+    g4f.publish_build(
+        name=f"Pack llama.cpp {config.build_id} into the controller cache",
+        config=config,
+        role=role,
+        artifact=artifact,
+    )
+    placed = g4f.install_build(
+        name=f"llama.cpp {config.build_id} from the controller cache",
+        config=config,
+        role=role,
+        artifact=artifact,
+    )
+    return [built, placed]

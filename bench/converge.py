@@ -1,0 +1,187 @@
+"""Converge benchmark on the local test fleet: first converge, no-op, surgical redeploy.
+
+For each host count it boots that many fresh test hosts per run (a named fleet of its own,
+`g4b` on 10.213.3.0/24 unless told otherwise), then times, as a user runs them:
+
+1. first converge: `pyinfra -y INVENTORY deploys/gemma4_mtp.py` on the fresh hosts;
+2. no-op converge: the same again;
+3. surgical redeploy: `deploys/redeploy_unit.py --limit <first host> --data unit=gemma3` with
+   one instance field changed (draft_n_max), so the unit really restarts and is verified.
+
+It counts, per first converge, the compiles (hosts where the "Build llama.cpp" operation
+changed), the artifacts placed from the controller cache, and the model fetches (hosts where a
+"Model" operation changed), and prints medians over the runs as a Markdown table.
+
+    bench/converge.py --hosts 1,3 --runs 3                 # each run: empty controller cache
+    bench/converge.py --hosts 8 --runs 3 --ccache empty    # each host compiles from nothing
+    bench/converge.py --hosts 1,3 --cache-dir /tmp/g4f-bench-cache   # keep artifacts
+
+Run as root from the repository root, with no other fleet on the same name.
+`--ccache shared` (the default) binds the harness's shared ccache into every host, as the demo
+does, so a compile takes about a minute instead of 6-7; `empty` leaves each host its own empty
+ccache. Every run starts with an empty controller cache (G4F_CACHE) unless `--cache-dir` names
+one to keep between runs: with the build's artifact in it, a first converge compiles nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gemma4_fleet.testfleet.hosts import HOST_CCACHE_DIR, Fleet  # noqa: E402
+from gemma4_fleet.testfleet.inventory import demo_data  # noqa: E402
+
+PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
+
+
+@dataclass
+class Run:
+    seconds: float
+    returncode: int
+    changed: dict[str, int] = field(default_factory=dict)
+    tail: str = ""
+
+    def count(self, pattern: str) -> int:
+        """Hosts changed by the operations whose name matches `pattern` (a regex)."""
+        return sum(n for op, n in self.changed.items() if re.search(pattern, op))
+
+
+def changed_ops(output: str) -> dict[str, int]:
+    """Operation name -> hosts it changed, from pyinfra's Results table."""
+    table: dict[str, int] = {}
+    in_table = False
+    for line in output.splitlines():
+        if line.strip().startswith("Operation") and "No Change" in line:
+            in_table = True
+            continue
+        if in_table:
+            match = re.match(r"^\s+(.*?)\s{2,}(\d+)\s+(\d+|-)\s+(\d+|-)\s+(\d+|-)\s*$", line)
+            if not match:
+                break
+            success = 0 if match.group(3) == "-" else int(match.group(3))
+            if match.group(1) != "Grand total" and success:
+                table[match.group(1)] = success
+    return table
+
+
+def pyinfra(inventory: str, deploy: str, *args: str, env: dict[str, str]) -> Run:
+    began = time.monotonic()
+    result = subprocess.run(
+        [PYINFRA, "-y", *args, inventory, deploy],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        check=False,
+    )
+    seconds = time.monotonic() - began
+    output = result.stdout + result.stderr
+    return Run(seconds, result.returncode, changed_ops(output), output[-3000:])
+
+
+def write_inventory(fleet: Fleet, path: Path, ccache: str) -> dict[str, Any]:
+    data = demo_data(fleet.mirror_url, fleet.mirror_commit)
+    data["llamacpp_build"] = {"cuda": False}
+    if ccache == "shared":
+        data["llamacpp_build"]["ccache_dir"] = HOST_CCACHE_DIR
+    hosts = [(name, {**ssh, **data}) for name, ssh in fleet.inventory()]
+    path.write_text(f"hosts = {hosts!r}\n")
+    return data
+
+
+def one_run(fleet: Fleet, count: int, args: argparse.Namespace, cache: Path) -> dict[str, Any]:
+    boot = time.monotonic()
+    fleet.up(count)
+    boot = time.monotonic() - boot
+    with tempfile.TemporaryDirectory() as tmp:
+        inventory = Path(tmp) / "bench_inventory.py"
+        data = write_inventory(fleet, inventory, args.ccache)
+        env = {"G4F_CACHE": str(cache), "G4F_PROGRESS_INTERVAL": "600"}
+        parallel = ["--parallel", str(args.parallel)] if args.parallel else []
+        first = pyinfra(str(inventory), "deploys/gemma4_mtp.py", *parallel, env=env)
+        if first.returncode:
+            raise SystemExit(f"first converge of {count} hosts failed:\n{first.tail}")
+        noop = pyinfra(str(inventory), "deploys/gemma4_mtp.py", *parallel, env=env)
+        if noop.returncode or noop.changed:
+            raise SystemExit(f"no-op converge changed {noop.changed}:\n{noop.tail}")
+        instance = {**data["llama_instances"][0], "draft_n_max": 3}
+        surgical = pyinfra(
+            str(inventory),
+            "deploys/redeploy_unit.py",
+            "--limit",
+            next(iter(fleet.hosts)),
+            "--data",
+            "unit=gemma3",
+            "--data",
+            f"llama_instances={json.dumps([instance])}",
+            env=env,
+        )
+        if surgical.returncode:
+            raise SystemExit(f"surgical redeploy failed:\n{surgical.tail}")
+    return {
+        "boot_s": boot,
+        "first_s": first.seconds,
+        "noop_s": noop.seconds,
+        "surgical_s": surgical.seconds,
+        "compiles": first.count("Build llama.cpp"),
+        "from_cache": first.count("from the controller cache"),
+        "model_fetches": first.count(r"(^|\| )Model [^|]*\.gguf"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hosts", default="1,2,4,8", help="host counts, e.g. 1,3")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--ccache", choices=("shared", "empty"), default="shared")
+    parser.add_argument("--cache-dir", type=Path, help="controller cache kept between runs")
+    parser.add_argument("--parallel", type=int, default=0, help="pyinfra --parallel (0: all)")
+    parser.add_argument("--fleet", default="g4b")
+    parser.add_argument("--network", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write every run's figures here")
+    args = parser.parse_args()
+    fleet = Fleet(name=args.fleet, network=args.network)
+    results: dict[int, list[dict[str, Any]]] = {}
+    try:
+        with tempfile.TemporaryDirectory() as cold:
+            for count in (int(n) for n in args.hosts.split(",")):
+                for i in range(args.runs):
+                    cache = args.cache_dir or Path(cold) / f"{count}-{i}"
+                    run = one_run(fleet, count, args, cache)
+                    results.setdefault(count, []).append(run)
+                    print(f"{count} hosts, run {i + 1}: {json.dumps(run)}", flush=True)
+    finally:
+        fleet.down()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    print(
+        "\n| hosts | first converge s | no-op s | surgical s | compiles | from cache "
+        "| model fetches |\n|---|---|---|---|---|---|---|"
+    )
+    for count, runs in results.items():
+
+        def median(key: str, runs: list[dict[str, Any]] = runs) -> float:
+            return float(statistics.median(r[key] for r in runs))
+
+        print(
+            f"| {count} | {median('first_s'):.1f} | {median('noop_s'):.1f} "
+            f"| {median('surgical_s'):.1f} | {median('compiles'):g} | {median('from_cache'):g} "
+            f"| {median('model_fetches'):g} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

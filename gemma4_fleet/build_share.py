@@ -1,0 +1,152 @@
+"""Build once per build identity: which host compiles, and which get the controller's artifact.
+
+Hosts whose build id (commit + options + CUDA architectures) and distribution release are the
+same can run the same binaries (a binary linked on Debian 13 needs its newer glibc, so the
+release is part of the share key). Per key one host compiles (the host with
+`llama_builder: true`, else the first of that key in the inventory); its finished build directory
+is packed (tar.gz + sha256) into the controller's cache, `<cache>/builds/<key>.tar.gz` with
+`.tar.gz.sha256`, and every other host of that key unpacks it from there. A host that already holds the build is never touched; when the
+cache lacks a build some host needs but another host holds, that holder's copy is packed instead
+of compiling again. A cached artifact is verified against its sha256 on the controller before it
+is sent, and again on the host before it is unpacked.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from gemma4_fleet.common import cache_dir, sha256_file
+from gemma4_fleet.config import HostConfig
+
+CONTROLLER_CACHE = "controller cache"
+
+
+@dataclass(frozen=True)
+class BuildHost:
+    """What the share plan needs to know of one host (read at prepare time)."""
+
+    name: str
+    build_id: str  # the share key: build id + release (share_key)
+    installed: bool  # the build directory is complete on the host
+    marked: bool = False  # llama_builder: true
+
+
+@dataclass(frozen=True)
+class BuildRole:
+    """One host's part in getting its build."""
+
+    compile: bool = False  # build from source here
+    publish: bool = False  # pack this host's build into the controller cache
+    install: bool = False  # unpack the artifact from the controller cache
+    source: str = ""  # where the build comes from: a host name or CONTROLLER_CACHE
+    installed: bool = False  # complete on the host already (read once, for the whole fleet)
+
+
+def builder_problems(configs: Mapping[str, HostConfig]) -> list[str]:
+    """Two hosts marked `llama_builder` for one build id: which one should compile is unclear."""
+    first: dict[str, str] = {}
+    problems = []
+    for name, config in configs.items():
+        if not config.builder:
+            continue
+        other = first.setdefault(config.build_id, name)
+        if other != name:
+            problems.append(
+                f"host {name}: llama_builder: host {other} is already the builder of build "
+                f"{config.build_id}; mark one host per build id"
+            )
+    return problems
+
+
+def share_builds(hosts: Sequence[BuildHost], cached: Collection[str]) -> dict[str, BuildRole]:
+    """The role of every host, for the build ids in `cached` already in the controller cache.
+
+    Inventory order decides ties: the first marked host, else the first host of a build id.
+    """
+    groups: dict[str, list[BuildHost]] = {}
+    for h in hosts:
+        groups.setdefault(h.build_id, []).append(h)
+    roles: dict[str, BuildRole] = {}
+    for build_id, group in groups.items():
+        needing = [h for h in group if not h.installed]
+        holders = [h for h in group if h.installed]
+        for h in holders:
+            roles[h.name] = BuildRole(source=h.name, installed=True)
+        if not needing:
+            continue
+        if build_id in cached:
+            source = CONTROLLER_CACHE
+        elif holders:
+            publisher = next((h for h in holders if h.marked), holders[0])
+            roles[publisher.name] = BuildRole(publish=True, source=publisher.name, installed=True)
+            source = publisher.name
+        else:
+            builder = next((h for h in needing if h.marked), needing[0])
+            roles[builder.name] = BuildRole(compile=True, publish=True, source=builder.name)
+            source = builder.name
+        for h in needing:
+            roles.setdefault(h.name, BuildRole(install=True, source=source))
+    return roles
+
+
+def share_key(build_id: str, distribution: Mapping[str, object] | None) -> str:
+    """The build id plus the host's release (`/etc/os-release` ID and VERSION_ID)."""
+    meta = (distribution or {}).get("release_meta") or {}
+    release = meta if isinstance(meta, Mapping) else {}
+    system = "".join(str(release.get(key) or "") for key in ("ID", "VERSION_ID"))
+    return f"{build_id}-{system or 'unknown'}"
+
+
+def artifact_path(build_id: str, cache: Path | None = None) -> Path:
+    """`<cache>/builds/<build id>.tar.gz`; its checksum is the same path + `.sha256`."""
+    return (cache or cache_dir()) / "builds" / f"{build_id}.tar.gz"
+
+
+def checksum_path(artifact: Path) -> Path:
+    return artifact.with_name(artifact.name + ".sha256")
+
+
+def is_cached(artifact: Path) -> bool:
+    """Whether the cache holds this artifact (its checksum, written last, marks a whole one)."""
+    return artifact.is_file() and checksum_path(artifact).is_file()
+
+
+def recorded_sha256(artifact: Path) -> str:
+    """The sha256 recorded for an artifact (`sha256sum` format: the first word)."""
+    text = checksum_path(artifact).read_text().split()
+    return text[0] if text else ""
+
+
+def artifact_problem(artifact: Path) -> str | None:
+    """Why a cached artifact must not be used (missing, or not what its checksum says), or None."""
+    if not is_cached(artifact):
+        return f"{artifact} (and its .sha256) is not in the controller cache"
+    want = recorded_sha256(artifact)
+    got = sha256_file(artifact)
+    if got != want:
+        return (
+            f"{artifact} is corrupt: its sha256 is {got}, {checksum_path(artifact).name} says "
+            f"{want}; rejected (delete both files to have the build made again)"
+        )
+    return None
+
+
+def store_artifact(received: Path, want: str, artifact: Path) -> str | None:
+    """Move a received artifact into the cache if its sha256 is `want`; why not, or None.
+
+    The artifact is renamed into place first and its checksum file last (atomically), so a
+    crash in between leaves no checksum and the artifact counts as absent.
+    """
+    got = sha256_file(received)
+    if not want or got != want:
+        received.unlink(missing_ok=True)
+        return f"{artifact.name} arrived with sha256 {got}, the host packed {want or 'nothing'}"
+    artifact.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(received, artifact)
+    tmp = checksum_path(artifact).with_suffix(".tmp")
+    tmp.write_text(f"{want}  {artifact.name}\n")
+    os.replace(tmp, checksum_path(artifact))
+    return None
