@@ -1,14 +1,14 @@
 """Build once per build identity: which host compiles, and which get the controller's artifact.
 
-Hosts whose build id (commit + options + CUDA architectures) and distribution release are the
-same can run the same binaries (a binary linked on Debian 13 needs its newer glibc, so the
-release is part of the share key). Per key one host compiles (the host with
-`llama_builder: true`, else the first of that key in the inventory); its finished build directory
-is packed (tar.gz + sha256) into the controller's cache, `<cache>/builds/<key>.tar.gz` with
-`.tar.gz.sha256`, and every other host of that key unpacks it from there. A host that already
-holds the build is never touched; when the cache lacks a build some host needs but another host
-holds, that holder's copy is packed instead of compiling again. A cached artifact is verified against its sha256 on the controller before it
-is sent, and again on the host before it is unpacked.
+Hosts whose build id (commit + options + CUDA architectures) and distribution release are the same
+can run the same binaries (a binary linked on Debian 13 needs its newer glibc, so the release is
+part of the share key). Per key one host compiles (the host with `llama_builder: true`, else the
+first of that key in the inventory); its finished build directory is packed (tar.gz + sha256) into
+the controller's cache, `<cache>/builds/<key>.tar.gz` with `.tar.gz.sha256`, and every other host
+of that key unpacks it from there. A host that already holds the build is never touched; when the
+cache lacks a build some host needs but another host holds, that holder's copy is packed instead of
+compiling again. A cached artifact is verified against its sha256 on the controller before it is
+sent, and again on the host before it is unpacked.
 """
 
 from __future__ import annotations
