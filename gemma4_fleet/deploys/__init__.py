@@ -62,7 +62,7 @@ def gemma4_mtp() -> None:
     toolchain(config, setup.gpus)
     build = llama_cpp(config)
     placed = models(config)
-    gpu_devices(config)
+    gpu_devices(setup)
     changed = servers(setup, changed=[build, *placed])
     gpu_services(setup)
     g4f.prune(
@@ -96,7 +96,7 @@ def redeploy_unit(name: str) -> None:
     config = setup.config
     if not name:
         raise FleetConfigError([f"host {host.name}: unit: say which, e.g. --data unit=gemma4"])
-    gpu_devices(config)
+    gpu_devices(setup)
     for inst in config.instances:
         if name in (inst.name, inst.unit, inst.unit.removesuffix(".service")):
             service_basics(config)
