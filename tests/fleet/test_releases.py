@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import time
 from collections.abc import Iterator
 
 import jinja2
@@ -77,10 +78,16 @@ def exposure(fleet: Fleet, name: str, unit: str) -> float:
     return float(match.group(1))
 
 
-def last_run_log(fleet: Fleet, name: str, unit: str) -> str:
-    """The journal of the unit's last run only."""
-    run = fleet.ssh(name, f"systemctl show -p InvocationID --value {unit}").stdout.strip()
-    return fleet.ssh(name, f"journalctl -o cat _SYSTEMD_INVOCATION_ID={run}").stdout
+def start_and_log(fleet: Fleet, name: str, unit: str, expect: str) -> str:
+    """Start a oneshot; its journal lines since then, once `expect` has reached the journal
+    (its stdout gets there a moment after `systemctl start` returns)."""
+    since = fleet.ssh(name, f"date +%s && systemctl start {unit}").stdout.split()[0]
+    deadline = time.monotonic() + 15
+    while True:
+        log = fleet.ssh(name, f"journalctl -o cat -u {unit} --since @{since}").stdout
+        if expect in log or time.monotonic() > deadline:
+            return log
+        time.sleep(0.5)
 
 
 def put(fleet: Fleet, name: str, path: str, text: str, mode: str = "644") -> None:
@@ -147,8 +154,8 @@ def test_the_hardened_uvm_oneshot_still_makes_device_nodes(fleet: Fleet) -> None
     """
     devices = "Character devices:\n  1 mem\n240 nvidia\n240 nvidiactl\n241 nvidia-uvm\n"
     for name in fleet.hosts:
-        fleet.ssh(name, f"systemctl start {UVM_UNIT}")
-        assert "nvidia-uvm: no NVIDIA driver loaded" in last_run_log(fleet, name, UVM_UNIT)
+        nothing = "nvidia-uvm: no NVIDIA driver loaded"
+        assert nothing in start_and_log(fleet, name, UVM_UNIT, nothing)
 
         put(fleet, name, "/run/g4f-uvm-test/devices", devices)
         put(
@@ -159,10 +166,8 @@ def test_the_hardened_uvm_oneshot_still_makes_device_nodes(fleet: Fleet) -> None
             "G4F_DEV=/dev/g4f-uvm-test\n",
         )
         fleet.ssh(name, "mkdir -p /dev/g4f-uvm-test && systemctl daemon-reload")
-        fleet.ssh(name, f"systemctl start {UVM_UNIT}")
-        assert "created /dev/g4f-uvm-test/nvidia-uvm (major 241)" in last_run_log(
-            fleet, name, UVM_UNIT
-        )
+        made = "created /dev/g4f-uvm-test/nvidia-uvm (major 241) with mknod"
+        assert made in start_and_log(fleet, name, UVM_UNIT, made)
         nodes = fleet.ssh(
             name, "cd /dev/g4f-uvm-test && stat -c '%n %F %t:%T %a' nvidia-uvm nvidia-uvm-tools"
         ).stdout.splitlines()
