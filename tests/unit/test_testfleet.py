@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from gemma4_fleet.testfleet import hosts as fleet_hosts
 from gemma4_fleet.testfleet.base import (
     BaseBuildError,
     BaseRecipe,
@@ -140,3 +141,28 @@ def test_the_local_inventory_groups_a_mixed_fleet_by_release(tmp_path: Path) -> 
         "g4f-node2": "local_fleet, trixie, local",
         "g4f-node3": "local_fleet, bookworm, local",
     }
+
+
+def test_the_inventory_checks_each_hosts_own_keys(tmp_path: Path) -> None:
+    fleet = Fleet(state_dir=tmp_path / "state", cache=tmp_path / "cache")
+    for index, address in ((1, "10.213.0.11"), (2, "10.213.0.12")):
+        host = fleet_hosts.TestHost(
+            f"g4f-node{index}", index, address, str(tmp_path / f"h{index}"), "ve"
+        )
+        keys = host.root / "etc" / "ssh"
+        keys.mkdir(parents=True)
+        (keys / "ssh_host_ed25519_key.pub").write_text(f"ssh-ed25519 AAAAkey{index} root@base\n")
+        (keys / "ssh_host_ed25519_key").write_text("private: never read\n")
+        fleet.hosts[host.name] = host
+
+    inventory = dict(fleet.inventory())
+
+    known = tmp_path / "state" / "known_hosts"
+    assert known.read_text() == (
+        "10.213.0.11 ssh-ed25519 AAAAkey1\n10.213.0.12 ssh-ed25519 AAAAkey2\n"
+    )
+    for data in inventory.values():
+        assert data["ssh_known_hosts_file"] == str(known)
+        assert data["ssh_strict_host_key_checking"] == "yes"
+    command = fleet.ssh_command(fleet.hosts["g4f-node2"], "true")
+    assert f"UserKnownHostsFile={known}" in command and "StrictHostKeyChecking=yes" in command
