@@ -193,9 +193,18 @@ def test_metrics_of_every_instance_and_smoke_check_arrive(fleet: Fleet, promethe
     assert by_host(up) == dict.fromkeys(hosts, 1.0)
     # the scrape configuration printed from the inventory labels each target with its instance
     assert {r["metric"]["instance_name"] for r in up} == {"gemma3"}
-    # The deploy's smoke check generated tokens: llama-server's own counters say so.
-    predicted = by_host(query(prometheus, "llamacpp:tokens_predicted_total"))
-    assert predicted.keys() == hosts and all(v > 0 for v in predicted.values())
+    # Tokens generated here show in llama-server's own counters. (Not the deploy's smoke
+    # check's: an earlier test may have restarted a server, which starts them at 0 again.)
+    for name in hosts:
+        assert http(fleet, name, "/completion", json={"prompt": "One", "n_predict": 4}).ok
+    wait_for(
+        "generated tokens counted on every host",
+        lambda: (
+            (p := by_host(query(prometheus, "llamacpp:tokens_predicted_total"))).keys() == hosts
+            and all(v > 0 for v in p.values())
+            and p
+        ),
+    )
     rules = requests.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
     loaded = [rule for group in rules for rule in group["rules"]]
     assert len(loaded) == 9 and all(rule["health"] == "ok" for rule in loaded), loaded
