@@ -101,7 +101,7 @@ def gemma4_mtp() -> None:
     toolchain(config, setup.gpus)
     built = llama_cpp(config, build_role())
     placed = models(config)
-    gpu_devices(config)
+    gpu_devices(setup)
     # Before the new units start: a removed instance may hold the port a new one wants.
     removed = retired(config)
     changed = servers(setup, changed=[*built, *placed])
@@ -137,7 +137,7 @@ def redeploy_unit(name: str) -> None:
     config = setup.config
     if not name:
         raise FleetConfigError([f"host {host.name}: unit: say which, e.g. --data unit=gemma4"])
-    gpu_devices(config)
+    gpu_devices(setup)
     for inst in config.instances:
         if name in (inst.name, inst.unit, inst.unit.removesuffix(".service")):
             service_basics(config)

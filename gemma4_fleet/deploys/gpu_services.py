@@ -11,6 +11,7 @@ from gemma4_fleet import operations as g4f
 from gemma4_fleet.config import GpuService
 from gemma4_fleet.deploys.units import RENDER, template_path
 from gemma4_fleet.facts import GPU_DROPIN_NAME, SystemdUnitExists
+from gemma4_fleet.gpu_devices import needs_uvm
 from gemma4_fleet.pipeline import HostSetup
 from gemma4_fleet.render import cuda_environment
 
@@ -36,6 +37,7 @@ def pin_gpu_service(setup: HostSetup, svc: GpuService) -> list[OperationMeta]:
         src=template_path("gpu-pin.conf.j2"),
         dest=f"/etc/systemd/system/{svc.unit}.d/{GPU_DROPIN}",
         cuda_env=cuda_environment(setup.uuids[svc.gpu]),
+        uvm=needs_uvm(setup),
         **RENDER,
     )
     systemd.daemon_reload(name=f"daemon-reload for {svc.unit}", _if=dropin.did_change)

@@ -22,6 +22,7 @@ from gemma4_fleet import operations as g4f
 from gemma4_fleet.config import HostConfig, Instance
 from gemma4_fleet.deploys.reporting import report_dir
 from gemma4_fleet.facts import SystemdVersion, UnverifiedUnits
+from gemma4_fleet.gpu_devices import needs_uvm
 from gemma4_fleet.host_checks import SERVICE_ACCOUNT_MARK
 from gemma4_fleet.pipeline import HostSetup
 from gemma4_fleet.render import (
@@ -124,6 +125,7 @@ def instance_unit(
             uuid,
             groups=[g for g in ("video", "render") if g in host.get_fact(Groups)],
             restart_backoff=host.get_fact(SystemdVersion) >= 254,
+            uvm=needs_uvm(setup),
         ),
         **RENDER,
     )
@@ -227,6 +229,7 @@ def server_unit_values(
     *,
     groups: list[str],
     restart_backoff: bool,
+    uvm: bool,
 ) -> dict[str, Any]:
     """What llama-server.service.j2 places: every free value already escaped for systemd."""
     return {
@@ -236,6 +239,7 @@ def server_unit_values(
         "cuda_env": cuda_environment(gpu_uuid) if gpu_uuid else None,
         "groups": [systemd_escape(group) for group in groups],
         "restart_backoff": restart_backoff,
+        "uvm": uvm,  # the host has the UVM oneshot (gemma4_fleet.gpu_devices)
         "read_only_paths": systemd_escape(config.models_dir),
         "api_key_path": systemd_escape(api_key_path(inst)) if inst.api_key_file else None,
     }

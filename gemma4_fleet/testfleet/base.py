@@ -150,6 +150,46 @@ def _build(cache: Path, recipe: BaseRecipe, final: Path, log: Path | None) -> No
         tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for stale in cache.glob(f"base-{recipe.suite}-*"):
-        if stale.is_dir() and stale != final and not stale.name.endswith(".tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_bases(cache, recipe.suite, final)
+
+
+def overlay_lowerdirs(mounts: str) -> set[Path]:
+    """Every lower directory of the overlay mounts in `mounts` (the text of /proc/mounts)."""
+    found: set[Path] = set()
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 4 or fields[2] != "overlay":
+            continue
+        for option in fields[3].split(","):
+            name, _, value = option.partition("=")
+            if name in ("lowerdir", "lowerdir+", "datadir+"):
+                # /proc/mounts writes spaces, commas, tabs and backslashes as octal escapes
+                value = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), value)
+                found.update(Path(part) for part in value.split(":") if part)
+    return found
+
+
+def remove_stale_bases(
+    cache: Path, suite: str, keep: Path, mounts: str | None = None
+) -> list[Path]:
+    """Delete the other cached images of `suite`, except those a mounted overlay still uses.
+
+    A host of a running fleet (this one or a named one, perhaps built by another version of
+    this code) boots from its image as the overlay's lowerdir: deleting it under the host
+    breaks it. Returns what was deleted.
+    """
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return []  # cannot tell what is in use: keep everything
+    in_use = {path.resolve() for path in overlay_lowerdirs(mounts)}
+    removed = []
+    for stale in sorted(cache.glob(f"base-{suite}-*")):
+        if not stale.is_dir() or stale == keep or stale.name.endswith(".tmp"):
+            continue
+        if stale.resolve() in in_use:
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
+        removed.append(stale)
+    return removed

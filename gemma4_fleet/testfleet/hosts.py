@@ -353,14 +353,32 @@ class Fleet:
             "-o",
             "LogLevel=ERROR",
             "-o",
-            "StrictHostKeyChecking=no",
+            "StrictHostKeyChecking=yes",
             "-o",
-            "UserKnownHostsFile=/dev/null",
+            f"UserKnownHostsFile={self.known_hosts()}",
             "-o",
             "ConnectTimeout=3",
             f"root@{host.address}",
             *command,
         ]
+
+    def known_hosts(self) -> Path:
+        """A known_hosts file with the keys each host generated at its creation (read from its
+        root), so SSH and pyinfra check host keys strictly instead of warning "No host key for
+        ... found in known_hosts" on every connection."""
+        lines = []
+        for host in self.hosts.values():
+            for pub in sorted((host.root / "etc" / "ssh").glob("ssh_host_*_key.pub")):
+                kind, key = pub.read_text().split()[:2]
+                lines.append(f"{host.address} {kind} {key}\n")
+        path = self.state_dir / "known_hosts"
+        text = "".join(lines)
+        if not path.exists() or path.read_text() != text:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"known_hosts.{os.getpid()}.tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+        return path
 
     def ssh(self, name: str, command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run one shell command on a host over real SSH."""
@@ -428,6 +446,7 @@ class Fleet:
         shutil.rmtree(self.state_dir / "mirror", ignore_errors=True)
         self.hosts, self.mirror_pid = {}, 0
         self.state_file.unlink(missing_ok=True)
+        (self.state_dir / "known_hosts").unlink(missing_ok=True)
 
     def _sweep_processes(self) -> None:
         """nspawn processes of a crashed run whose state file was lost: matched by our root path."""
@@ -481,8 +500,8 @@ class Fleet:
                     "ssh_hostname": host.address,
                     "ssh_user": "root",
                     "ssh_key": str(self.key),
-                    "ssh_strict_host_key_checking": "no",
-                    "ssh_known_hosts_file": "/dev/null",
+                    "ssh_strict_host_key_checking": "yes",
+                    "ssh_known_hosts_file": str(self.known_hosts()),
                 },
             )
             for host in self.hosts.values()

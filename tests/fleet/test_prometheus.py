@@ -17,7 +17,7 @@ import pytest
 import requests
 import yaml
 
-from gemma4_fleet.monitoring import LLAMA_JOB, TEXTFILE_DIR
+from gemma4_fleet.monitoring import LLAMA_JOB, NODE_JOB, TEXTFILE_DIR
 from gemma4_fleet.testfleet.hosts import Fleet
 from tests.fleet.conftest import ROOT, PyinfraRun, http
 from tests.fleet.test_deploy import UNIT
@@ -30,6 +30,10 @@ ALERT_FOR = "4s"  # every rule's `for:` shortened; the expressions are the shipp
 GEMMA4_FLEET = str(Path(sys.executable).with_name("gemma4-fleet"))
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
 CHROMIUM_FLAGS += ["--window-size=1400,900", "--virtual-time-budget=8000"]
+# The instance this module's fleet deploy runs (inventories/local.py). Other fleet tests of the
+# same session may leave smoke reports of their own instances (test_mtp_pair: `gemma4`) in the
+# hosts' textfile directory, and node_exporter serves them too: every query names ours.
+OURS = 'instance_name="gemma3"'
 
 
 def wait_for(what: str, check: Callable[[], T | None], timeout: float = 90.0) -> T:
@@ -156,6 +160,57 @@ def screenshot(url: str, name: str) -> Path:
     )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
     return path
+
+
+def test_metrics_of_every_instance_and_smoke_check_arrive(fleet: Fleet, prometheus: str) -> None:
+    hosts = set(fleet.hosts)
+    passed = wait_for(
+        "smoke metrics of every host",
+        lambda: (
+            (r := query(prometheus, f"gemma4_smoke_passed{{{OURS}}}"))
+            and len(r) == len(hosts)
+            and r
+        ),
+    )
+    for series in passed:
+        labels = series["metric"]
+        assert labels["job"] == NODE_JOB and labels["instance_name"] == "gemma3"
+        assert labels["instance"] == f"{fleet.hosts[labels['host']].address}:9100"
+    assert by_host(passed) == dict.fromkeys(hosts, 1.0)
+    assert by_host(query(prometheus, f"gemma4_smoke_chat_ok{{{OURS}}}")) == dict.fromkeys(
+        hosts, 1.0
+    )
+    speeds = by_host(query(prometheus, f"gemma4_smoke_tokens_per_second{{{OURS}}}"))
+    assert speeds.keys() == hosts and all(v > 0 for v in speeds.values()), speeds
+    positions = query(
+        prometheus, f'gemma4_smoke_acceptance_ratio_by_position{{{OURS},position="0"}}'
+    )
+    assert {r["metric"]["host"] for r in positions} == hosts
+    up = wait_for(
+        "llama-server scraped on every host",
+        lambda: (r := query(prometheus, f'up{{job="{LLAMA_JOB}"}}')) and len(r) == len(hosts) and r,
+    )
+    assert by_host(up) == dict.fromkeys(hosts, 1.0)
+    # the scrape configuration printed from the inventory labels each target with its instance
+    assert {r["metric"]["instance_name"] for r in up} == {"gemma3"}
+    # Tokens generated here show in llama-server's own counters. (Not the deploy's smoke
+    # check's: an earlier test may have restarted a server, which starts them at 0 again.)
+    for name in hosts:
+        assert http(fleet, name, "/completion", json={"prompt": "One", "n_predict": 4}).ok
+    wait_for(
+        "generated tokens counted on every host",
+        lambda: (
+            (p := by_host(query(prometheus, "llamacpp:tokens_predicted_total"))).keys() == hosts
+            and all(v > 0 for v in p.values())
+            and p
+        ),
+    )
+    rules = requests.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    loaded = [rule for group in rules for rule in group["rules"]]
+    assert len(loaded) == 9 and all(rule["health"] == "ok" for rule in loaded), loaded
+    for alert in ("Gemma4InstanceDown", "Gemma4SmokeFailing"):
+        ours = [a for a in firing(prometheus, alert) if a.get("instance_name") == "gemma3"]
+        assert ours == [], (alert, ours)
 
 
 def test_a_stopped_server_fires_instance_down_and_resolves(fleet: Fleet, prometheus: str) -> None:

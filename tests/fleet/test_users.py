@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -17,6 +18,8 @@ from tests.fleet.conftest import ROOT, PyinfraRun, http
 pytestmark = pytest.mark.fleet
 MODEL_ID = "gemma-3-270m"  # the target's name in the demo inventory: the default alias
 UNIT = "llama-server-gemma3.service"
+SMOKE = "llama-smoke-gemma3.service"
+SMOKE_REPORT = "/var/lib/gemma4-fleet-smoke/gemma3.json"
 # What a chat reply shows when the prompt format is not the model's (chatml on Gemma) or
 # template tokens leak through.
 GARBAGE = ("<|im_end|>", "<|im_start|>", "<start_of_turn>", "<end_of_turn>", "<eos>")
@@ -44,6 +47,32 @@ def test_v1_models_lists_the_alias(fleet: Fleet, deployed: PyinfraRun) -> None:
         assert [m.id for m in client(fleet, name).models.list()] == [MODEL_ID]
 
 
+def test_chat_reply_is_sensible(fleet: Fleet, deployed: PyinfraRun) -> None:
+    """Gemma 3 270M is a small base model: asked "What is the capital of France?" cold, it
+    rambles (greedy decoding: "What is the capital of France? mendatang"). Two earlier turns
+    show it the pattern, as a chat user's history would, and the served template (`gemma`,
+    turn by turn) carries them: it answers "Paris." first (then, being a base model, goes on
+    until max_tokens; tried by hand on both releases, 2026-11-30)."""
+    name = next(iter(fleet.hosts))
+    reply = client(fleet, name).chat.completions.create(
+        model=MODEL_ID,
+        messages=[
+            {"role": "user", "content": "What is the capital of Germany?"},
+            {"role": "assistant", "content": "Berlin."},
+            {"role": "user", "content": "What is the capital of Italy?"},
+            {"role": "assistant", "content": "Rome."},
+            {"role": "user", "content": "What is the capital of France?"},
+        ],
+        max_tokens=16,
+        temperature=0,
+    )
+    text = reply.choices[0].message.content or ""
+    assert re.search(r"\w", text), reply  # not empty, not just punctuation
+    assert not [g for g in GARBAGE if g in text], text
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert text.lstrip().startswith("Paris"), text  # the answer, not a mention further on
+
+
 def test_chat_stream(fleet: Fleet, deployed: PyinfraRun) -> None:
     name = next(iter(fleet.hosts))
     stream = client(fleet, name).chat.completions.create(
@@ -65,6 +94,38 @@ def test_build_reported_progress_while_it_ran(deployed: PyinfraRun) -> None:
     lines = [line for line in deployed.output.splitlines() if "llama.cpp build" in line]
     steps = [line for line in lines if " step " in line and "%)" in line]
     assert steps, deployed.output[-3000:]
+
+
+def test_status_of_a_healthy_fleet(fleet: Fleet, deployed: PyinfraRun) -> None:
+    # A fresh smoke report on every host first: status shows the last one, and tests before
+    # this one (rollbacks in the same session) may have left a `fail`.
+    for name in fleet.hosts:
+        fleet.ssh(name, f"systemctl start {SMOKE}")
+        report = json.loads(fleet.ssh(name, f"cat {SMOKE_REPORT}").stdout)
+        assert report["status"] == "pass", report
+    table = status()
+    assert table.returncode == 0, table.stdout + table.stderr
+    # SSH as the inventory says (host keys checked against the fleet's known_hosts): no
+    # "No host key for ... found in known_hosts" warnings, nothing else either.
+    assert table.stderr == "", table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:4] == ["host", "instance", "unit", "health"]
+    for name in fleet.hosts:
+        (row,) = [line.split() for line in lines if line.startswith(name)]
+        assert row[1:5] == ["gemma3", "active", "200", MODEL_ID], row
+        assert row[7] == "pass", row
+
+    result = status("--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["instances"]
+    assert {row["host"] for row in rows} == set(fleet.hosts)
+    for row in rows:
+        assert row["ok"] and row["smoke"] == "pass" and row["health"] == 200
+        assert row["tokens_per_second"] > 0
+        assert row["model_path"].endswith(".gguf")
+        assert row["build"].endswith(f"-{fleet.mirror_commit[:7]}")
+        # the report of the smoke check run above, not an older one
+        assert 0 <= row["smoke_age_seconds"] < 600
 
 
 def test_status_of_a_stopped_instance_and_an_unreachable_host(

@@ -6,14 +6,19 @@ import os
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import jinja2
 import pytest
 
-from gemma4_fleet.gpu_devices import UVM_SCRIPT, UVM_UNIT
+from gemma4_fleet.config import parse_host_config
+from gemma4_fleet.facts import Gpu
+from gemma4_fleet.gpu_devices import UVM_SCRIPT, UVM_UNIT, needs_uvm
 from gemma4_fleet.host_scripts.smoke_check import cpu_fallback_lines
+from gemma4_fleet.pipeline import HostSetup
 from gemma4_fleet.render import cuda_environment
 from gemma4_fleet.testfleet.gpuhost import parse_ldconfig
+from tests.unit.test_config import host_data
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,7 +75,7 @@ def render(name: str, **values: object) -> str:
     return env.get_template(name).render(**values)
 
 
-def server_unit(gpu_uuid: str | None) -> str:
+def server_unit(gpu_uuid: str | None, uvm: bool = True) -> str:
     class Inst:
         name, spec_type, port = "gemma4", "draft-mtp", 8080
 
@@ -83,6 +88,7 @@ def server_unit(gpu_uuid: str | None) -> str:
         groups=["video"],
         restart_backoff=False,
         read_only_paths="/var/lib/llama-models",
+        uvm=uvm and gpu_uuid is not None,
     )
 
 
@@ -111,11 +117,46 @@ def test_cpu_server_unit_has_no_uvm_dependency() -> None:
 
 
 def test_gpu_dropin_requires_and_follows_the_uvm_oneshot() -> None:
-    text = render(
-        "gpu-pin.conf.j2", cuda_env=cuda_environment("GPU-5e1c2a7b-8f41-4c9e-9d0a-3b6f1e2d4c5a")
-    )
+    env = cuda_environment("GPU-5e1c2a7b-8f41-4c9e-9d0a-3b6f1e2d4c5a")
+    text = render("gpu-pin.conf.j2", cuda_env=env, uvm=True)
     assert unit_lines(text, "Requires") == [UVM_UNIT]
     assert unit_lines(text, "After") == [UVM_UNIT]
+    assert unit_lines(text, "Environment") == [env]
+
+
+def test_without_the_oneshot_nothing_requires_it() -> None:
+    """A host where nvidia-smi lists no GPU gets no oneshot: a Requires= on it would fail."""
+    env = cuda_environment("GPU-5e1c2a7b-8f41-4c9e-9d0a-3b6f1e2d4c5a")
+    dropin = render("gpu-pin.conf.j2", cuda_env=env, uvm=False)
+    assert UVM_UNIT not in dropin and unit_lines(dropin, "Environment") == [env]
+    server = server_unit("GPU-5e1c2a7b-8f41-4c9e-9d0a-3b6f1e2d4c5a", uvm=False)
+    assert UVM_UNIT not in server and unit_lines(server, "DevicePolicy") == ["closed"]
+
+
+def setup_of(gpus: list[Gpu], **data: Any) -> HostSetup:
+    return HostSetup(parse_host_config("box1", host_data(**data)), plan=None, gpus=gpus)  # type: ignore[arg-type]
+
+
+H200 = Gpu(0, "GPU-5e1c2a7b-8f41-4c9e-9d0a-3b6f1e2d4c5a", "NVIDIA H200", 143771, 0, "9.0")
+CPU_INSTANCE = [{"name": "cpu", "target": "t", "drafter": "d"}]
+
+
+def test_the_oneshot_goes_only_where_gpu_units_run_on_gpus() -> None:
+    assert needs_uvm(setup_of([H200]))  # an instance on GPU 0
+    assert needs_uvm(
+        setup_of(
+            [H200], llama_instances=CPU_INSTANCE, gpu_services=[{"unit": "tts.service", "gpu": "0"}]
+        )
+    )
+    assert not needs_uvm(setup_of([H200], llama_instances=CPU_INSTANCE))
+    # nvidia-smi lists no GPU (the CPU test fleet): a pinned service gets no oneshot
+    assert not needs_uvm(
+        setup_of(
+            [],
+            llama_instances=CPU_INSTANCE,
+            gpu_services=[{"unit": "tts.service", "gpu": H200.uuid}],
+        )
+    )
 
 
 def test_uvm_unit_is_a_oneshot_run_on_every_start() -> None:

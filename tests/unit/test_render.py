@@ -171,7 +171,7 @@ def test_rendered_units_with_hostile_values_pass_systemd_analyze(tmp_path: Path)
     binary.chmod(0o755)
     argv = server_argv(config, inst)
     server = server_unit_values(
-        config, inst, argv, f"GPU-{HOSTILE}", groups=["video"], restart_backoff=False
+        config, inst, argv, f"GPU-{HOSTILE}", groups=["video"], restart_backoff=False, uvm=True
     )
     uvm_script = tmp_path / "nvidia-uvm.sh"  # the GPU unit Requires= the UVM oneshot
     uvm_script.write_text("#!/bin/sh\n")

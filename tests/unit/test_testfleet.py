@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from gemma4_fleet.testfleet.base import BaseBuildError, BaseRecipe, apt_mirror, ensure_base
+from gemma4_fleet.testfleet import hosts as fleet_hosts
+from gemma4_fleet.testfleet.base import (
+    BaseBuildError,
+    BaseRecipe,
+    apt_mirror,
+    ensure_base,
+    overlay_lowerdirs,
+    remove_stale_bases,
+)
 from gemma4_fleet.testfleet.hosts import Fleet, FleetError, host_releases
 
 pytestmark = pytest.mark.unit
@@ -31,6 +39,50 @@ def test_an_unknown_release_is_refused_before_anything(releases: list[str], tmp_
     with pytest.raises(FleetError, match=r"is not one of bookworm, trixie"):
         fleet.up(2, releases)
     assert list(tmp_path.iterdir()) == []
+
+
+def overlay_line(lower: Path, target: str = "/var/lib/gemma4-fleet/hosts/g4f-node1/root") -> str:
+    escaped = str(lower).replace(" ", "\\040")
+    return (
+        f"overlay {target} overlay rw,relatime,lowerdir={escaped},"
+        f"upperdir={target}/../upper,workdir={target}/../work 0 0\n"
+    )
+
+
+def test_overlay_lowerdirs_are_read_from_proc_mounts(tmp_path: Path) -> None:
+    mounts = (
+        "proc /proc proc rw,nosuid,nodev,noexec,relatime 0 0\n"
+        + overlay_line(tmp_path / "with space" / "base-trixie-1")
+        + "overlay /x overlay rw,lowerdir=/a:/b,upperdir=/u,workdir=/w 0 0\n"
+        + "tmpfs /tmp tmpfs rw,lowerdir=/not-an-overlay 0 0\n"
+    )
+    assert overlay_lowerdirs(mounts) == {
+        tmp_path / "with space" / "base-trixie-1",
+        Path("/a"),
+        Path("/b"),
+    }
+
+
+def test_a_stale_base_image_in_use_by_a_running_host_is_kept(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    images = {key: cache / f"base-trixie-{key}" for key in ("new", "used", "old")}
+    for path in images.values():
+        (path / "etc").mkdir(parents=True)
+    other_release = cache / "base-bookworm-old"
+    other_release.mkdir()
+    (cache / "base-trixie-old.log").write_text("debootstrap log\n")
+    # a host of another fleet (another version of this code) boots from the "used" image
+    mounts = overlay_line(images["used"], "/var/lib/gemma4-fleet-g4t/hosts/g4t-node1/root")
+
+    removed = remove_stale_bases(cache, "trixie", images["new"], mounts=mounts)
+
+    assert removed == [images["old"]]
+    assert sorted(p.name for p in cache.iterdir()) == [
+        "base-bookworm-old",
+        "base-trixie-new",
+        "base-trixie-old.log",
+        "base-trixie-used",
+    ]
 
 
 def test_an_unknown_base_release_is_refused_before_the_cache_is_touched(tmp_path: Path) -> None:
@@ -89,3 +141,28 @@ def test_the_local_inventory_groups_a_mixed_fleet_by_release(tmp_path: Path) -> 
         "g4f-node2": "local_fleet, trixie, local",
         "g4f-node3": "local_fleet, bookworm, local",
     }
+
+
+def test_the_inventory_checks_each_hosts_own_keys(tmp_path: Path) -> None:
+    fleet = Fleet(state_dir=tmp_path / "state", cache=tmp_path / "cache")
+    for index, address in ((1, "10.213.0.11"), (2, "10.213.0.12")):
+        host = fleet_hosts.TestHost(
+            f"g4f-node{index}", index, address, str(tmp_path / f"h{index}"), "ve"
+        )
+        keys = host.root / "etc" / "ssh"
+        keys.mkdir(parents=True)
+        (keys / "ssh_host_ed25519_key.pub").write_text(f"ssh-ed25519 AAAAkey{index} root@base\n")
+        (keys / "ssh_host_ed25519_key").write_text("private: never read\n")
+        fleet.hosts[host.name] = host
+
+    inventory = dict(fleet.inventory())
+
+    known = tmp_path / "state" / "known_hosts"
+    assert known.read_text() == (
+        "10.213.0.11 ssh-ed25519 AAAAkey1\n10.213.0.12 ssh-ed25519 AAAAkey2\n"
+    )
+    for data in inventory.values():
+        assert data["ssh_known_hosts_file"] == str(known)
+        assert data["ssh_strict_host_key_checking"] == "yes"
+    command = fleet.ssh_command(fleet.hosts["g4f-node2"], "true")
+    assert f"UserKnownHostsFile={known}" in command and "StrictHostKeyChecking=yes" in command
