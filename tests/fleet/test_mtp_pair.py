@@ -57,6 +57,7 @@ def host_data(fleet: Fleet, target: Path, drafter: Path) -> list[str]:
         "drafter": "g4-assistant",
         "ctx_size": 2048,
         "host": "0.0.0.0",
+        "allow_unauthenticated": True,  # the fleet's bridge is private to this machine
         "port": 8081,
         "threads": 1,
     }
