@@ -220,6 +220,8 @@ def _prometheus_config(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     """Measure every instance of the chosen hosts on the host itself; write tuned/<host>.json."""
+    from pathlib import Path
+
     from pyinfra.api import Config
     from pyinfra.api.connect import disconnect_all
     from pyinfra.context import ctx_state
@@ -241,7 +243,9 @@ def _tune(args: argparse.Namespace) -> int:
     with ctx_state.use(state):
         try:
             read = partial(_read_gpus_connected, state)
-            setups = host_setups(hosts, read)
+            # The incumbent is what the profile in --tuned-dir says, as the deploy would run it.
+            folder = Path(args.tuned_dir) if args.tuned_dir else None
+            setups = host_setups(hosts, read, tuned_dir=folder)
             recipes = host_setups(hosts, read, tuned=False)
             for host in hosts:
                 ok, table = _tune_host(

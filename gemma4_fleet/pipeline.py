@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pyinfra.api import OperationError
@@ -126,13 +127,18 @@ def host_data(host: Any) -> dict[str, Any]:
 
 
 def host_configs(
-    hosts: Iterable[Any], *, placeholders: bool = False, tuned: bool = True
+    hosts: Iterable[Any],
+    *,
+    placeholders: bool = False,
+    tuned: bool = True,
+    tuned_dir: Path | None = None,
 ) -> tuple[dict[str, HostConfig], list[str], dict[str, dict[str, str]]]:
     """(validated config per host, errors, {host: {stand-in sha256: warning}}).
 
     + placeholders: plan hosts whose sha256 values are not filled in yet (the example
       inventory's `FILL-IN`) with a stand-in and a warning each; the deploy never does
     + tuned: apply each host's tuned profile where host data is silent (False: the recipe)
+    + tuned_dir: where the profiles are (None: `tuned/` or G4F_TUNED_DIR)
     """
     configs: dict[str, HostConfig] = {}
     errors: list[str] = []
@@ -143,7 +149,7 @@ def host_configs(
             data, stand_ins[host.name] = stand_in_checksums(host.name, data)
         try:
             if tuned:
-                data = apply_profile(host.name, data)
+                data = apply_profile(host.name, data, tuned_dir)
             configs[host.name] = parse_host_config(host.name, data)
         except ConfigError as exc:
             errors.append(str(exc))
@@ -158,6 +164,7 @@ def host_setups(
     meta_for: MetaFor = meta_for_model,
     placeholders: bool = False,
     tuned: bool = True,
+    tuned_dir: Path | None = None,
 ) -> dict[str, HostSetup]:
     """Validated, GPU-resolved and planned setup of every host; FleetConfigError lists all.
 
@@ -169,9 +176,12 @@ def host_setups(
     + meta_for: GGUF metadata of a model (read once per model for the whole fleet)
     + placeholders: plan checksums not filled in yet, with a warning (`gemma4-fleet plan`)
     + tuned: apply each host's tuned profile (False: host data alone, the recipe)
+    + tuned_dir: where the profiles are (None: `tuned/` or G4F_TUNED_DIR)
     """
     hosts = list(hosts)
-    configs, errors, stand_ins = host_configs(hosts, placeholders=placeholders, tuned=tuned)
+    configs, errors, stand_ins = host_configs(
+        hosts, placeholders=placeholders, tuned=tuned, tuned_dir=tuned_dir
+    )
     errors = inventory_problems(hosts) + errors
     read: dict[str, list[Gpu]] = {}
     unreadable: dict[str, str] = {}
@@ -207,7 +217,7 @@ def host_setups(
         try:
             plan = plan_host(name, config, found, read_meta)
         except PlanConfigError as exc:
-            errors += annotate_plan_errors(name, exc.errors) if tuned else exc.errors
+            errors += annotate_plan_errors(name, exc.errors, tuned_dir) if tuned else exc.errors
             continue
         warnings = (*stand_ins.get(name, {}).values(), *plan.warnings)
         setups[name] = HostSetup(config, plan, gpus or [], uuids, warnings)

@@ -82,8 +82,15 @@ def test_one_compile_then_artifact_and_tampered_artifact_rejected(
     props = {n: http(scale_fleet, n, "/props").json()["build_info"] for n in names}
     assert len(set(props.values())) == 1, props
     assert scale_fleet.mirror_commit[:7] in props[BUILDER]
-    artifact = cache / "builds" / f"{build_id}.tar.gz"
-    recorded = (cache / "builds" / f"{build_id}.tar.gz.sha256").read_text().split()[0]
+    # One artifact per build id and release (a build for Debian 13 would not run on Debian 12).
+    release = scale_fleet.ssh(BUILDER, ". /etc/os-release && echo $ID$VERSION_ID").stdout.strip()
+    assert release == "debian12", release
+    artifact = cache / "builds" / f"{build_id}-{release}.tar.gz"
+    assert sorted(p.name for p in (cache / "builds").iterdir()) == [
+        artifact.name,
+        f"{artifact.name}.sha256",
+    ]
+    recorded = (cache / "builds" / f"{artifact.name}.sha256").read_text().split()[0]
     assert hashlib.sha256(artifact.read_bytes()).hexdigest() == recorded
 
     # A corrupt artifact on the controller; one host has lost its build (its server still runs
