@@ -58,6 +58,9 @@ def host_data(fleet: Fleet, target: Path, drafter: Path) -> list[str]:
         "ctx_size": 2048,
         "host": "0.0.0.0",
         "allow_unauthenticated": True,  # the fleet's bridge is private to this machine
+        # The recipe's q8_0 KV, said explicitly: the default "auto" takes f16 on a CPU host.
+        "cache_type_k": "q8_0",
+        "cache_type_v": "q8_0",
         "port": 8081,
         "threads": 1,
     }
