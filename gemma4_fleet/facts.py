@@ -107,6 +107,12 @@ class ModelFileStamp(FactBase[str | None]):
         return None if _MISSING in text or not text else text
 
 
+def model_verified(stamp: str | None, sha256: str) -> bool:
+    """Whether a ModelFileStamp says the file is `sha256`, unchanged since it was verified."""
+    parts = (stamp or "").split()
+    return len(parts) == 5 and parts[2] == sha256 and parts[0:2] == parts[3:5]
+
+
 @dataclass(frozen=True)
 class Gpu:
     index: int

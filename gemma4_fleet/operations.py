@@ -25,16 +25,22 @@ from pyinfra.api.host import Host
 from pyinfra.api.util import get_template
 from pyinfra.facts.files import File, Sha256File
 
-from gemma4_fleet.build_share import (
+from gemma4_fleet.config import HostConfig, ModelFile
+from gemma4_fleet.facts import (
+    GitHead,
+    LlamaCppBuildInfo,
+    LlamaServerFlags,
+    ModelFileStamp,
+    model_verified,
+)
+from gemma4_fleet.fleet_share import (
     CONTROLLER_CACHE,
-    BuildRole,
+    ShareRole,
     artifact_problem,
     checksum_path,
     is_cached,
     store_artifact,
 )
-from gemma4_fleet.config import HostConfig, ModelFile
-from gemma4_fleet.facts import GitHead, LlamaCppBuildInfo, LlamaServerFlags, ModelFileStamp
 from gemma4_fleet.host_scripts.prune import MARKER as OWNED_MARKER
 from gemma4_fleet.progress import curl_progress, ninja_progress, with_progress
 from gemma4_fleet.render import DRAIN_SCRIPT, PRUNE_SCRIPT, VERIFY_SCRIPT
@@ -121,7 +127,7 @@ def cmake_options(config: HostConfig) -> list[str]:
 
 
 @operation()
-def build(config: HostConfig, role: BuildRole | None = None) -> Commands:
+def build(config: HostConfig, role: ShareRole | None = None) -> Commands:
     """Build llama-server and llama-bench into the versioned directory of this config.
 
     The build happens in a scratch folder; only a finished build is renamed into place, so a
@@ -131,7 +137,7 @@ def build(config: HostConfig, role: BuildRole | None = None) -> Commands:
     + role: this host's part in the fleet's build (None: compile here when missing); a host
       that gets the build from the controller cache compiles nothing
     """
-    if role is not None and not role.compile:
+    if role is not None and not role.make:
         if role.installed:
             host.noop(f"llama.cpp build {config.build_id} already installed")
         else:
@@ -183,33 +189,33 @@ def _mkdir_local(state: State, host: Host, path: str) -> bool:
     return True
 
 
-def _store(state: State, host: Host, received: str, artifact: str) -> bool:
-    """Controller side of publish_build: keep what arrived only if it is what the host packed."""
+def _store(state: State, host: Host, received: str, artifact: str, what: str, want: str) -> bool:
+    """Controller side of publish_*: keep what arrived only if its sha256 is `want` (empty: the
+    one the host computed, in `received.sha256`)."""
     sha_file = Path(f"{received}.sha256")
-    want = sha_file.read_text().strip() if sha_file.is_file() else ""
+    if not want:
+        want = sha_file.read_text().strip() if sha_file.is_file() else ""
     sha_file.unlink(missing_ok=True)
     problem = store_artifact(Path(received), want, Path(artifact))
     if problem:
-        return _fail(state, host, f"host {host.name}: llama.cpp build artifact: {problem}")
+        return _fail(state, host, f"host {host.name}: {what}: {problem}")
     return True
 
 
-def _check_artifact(state: State, host: Host, artifact: str, build_id: str, source: str) -> bool:
-    """Controller side of install_build: never send an artifact that fails its checksum."""
+def _check_artifact(
+    state: State, host: Host, artifact: str, what: str, source: str, unchanged: str
+) -> bool:
+    """Controller side of install_*: never send an artifact that fails its checksum."""
     problem = artifact_problem(Path(artifact))
     if problem is None:
         return True
     if not Path(artifact).is_file() and source != CONTROLLER_CACHE:
-        problem += f" ({source}, which was to build it, did not put it there: see that host)"
-    return _fail(
-        state,
-        host,
-        f"host {host.name}: llama.cpp build {build_id}: {problem}; the build it has keeps serving",
-    )
+        problem += f" ({source}, which was to provide it, did not put it there: see that host)"
+    return _fail(state, host, f"host {host.name}: {what}: {problem}; {unchanged}")
 
 
 @operation()
-def publish_build(config: HostConfig, role: BuildRole, artifact: str) -> Commands:
+def publish_build(config: HostConfig, role: ShareRole, artifact: str) -> Commands:
     """Pack this host's build directory (tar.gz + sha256) into the controller cache.
 
     The controller keeps the artifact only when the bytes that arrived have the sha256 the
@@ -237,12 +243,12 @@ def publish_build(config: HostConfig, role: BuildRole, artifact: str) -> Command
     yield FunctionCommand(_mkdir_local, (str(Path(artifact).parent),), {})
     yield FileDownloadCommand(f"{packed}.sha256", f"{received}.sha256")
     yield FileDownloadCommand(packed, received)
-    yield FunctionCommand(_store, (received, artifact), {})
+    yield FunctionCommand(_store, (received, artifact, "llama.cpp build artifact", ""), {})
     yield StringCommand("rm", "-f", QuoteString(packed), QuoteString(f"{packed}.sha256"))
 
 
 @operation()
-def install_build(config: HostConfig, role: BuildRole, artifact: str) -> Commands:
+def install_build(config: HostConfig, role: ShareRole, artifact: str) -> Commands:
     """Place the build from the controller cache, verified, into builds/<id> atomically.
 
     The artifact is checked against its sha256 on the controller before it is sent and on the
@@ -260,7 +266,8 @@ def install_build(config: HostConfig, role: BuildRole, artifact: str) -> Command
         return
     root = config.build.install_root
     upload = f"{root}/build/{config.build_id}.tar.gz"
-    yield FunctionCommand(_check_artifact, (artifact, config.build_id, role.source), {})
+    what, unchanged = f"llama.cpp build {config.build_id}", "the build it has keeps serving"
+    yield FunctionCommand(_check_artifact, (artifact, what, role.source, unchanged), {})
     yield StringCommand("mkdir", "-p", QuoteString(f"{root}/build"), QuoteString(f"{root}/builds"))
     yield FileUploadCommand(artifact, upload)
     yield FileUploadCommand(str(checksum_path(Path(artifact))), f"{upload}.sha256")
@@ -306,8 +313,9 @@ def flags_known(binary: str, flags: list[str]) -> Commands:
 
 
 @operation()
-def model_file(dest: str, model: ModelFile) -> Commands:
-    """Place a GGUF at `dest`, verified by sha256 before it is moved into place.
+def model_file(dest: str, model: ModelFile, role: ShareRole | None = None) -> Commands:
+    """Place a GGUF at `dest` from its URL or the controller's `local_path`, verified by sha256
+    before it is moved into place.
 
     A download goes to `dest.partial` first; a file that does not match is deleted and the
     good file already at `dest` (if any) stays. A `dest.sha256` stamp (sha, size, mtime)
@@ -315,13 +323,20 @@ def model_file(dest: str, model: ModelFile) -> Commands:
 
     + dest: final path on the host
     + model: the catalogue entry (url or controller path, sha256, optional size)
+    + role: this host's part in fetching the model once per fleet (None: fetch it here); a
+      host that gets it from the controller cache (install_model) downloads nothing
     """
-    stamp = host.get_fact(ModelFileStamp, path=dest)
-    if stamp is not None:
-        parts = stamp.split()
-        if len(parts) == 5 and parts[2] == model.sha256 and parts[0:2] == parts[3:5]:
-            host.noop(f"{dest} present and verified")
-            return
+    if model_verified(host.get_fact(ModelFileStamp, path=dest), model.sha256):
+        host.noop(f"{dest} present and verified")
+        return
+    if role is not None and not role.make:
+        host.noop(f"{model.file}: not downloaded here (from {role.source})")
+        return
+    if model.local_path:
+        # files.put-style upload of the controller's copy to the partial path.
+        yield from _upload(model.local_path, f"{dest}.partial")
+        yield _place_model(dest, model, fetch="true")
+        return
     # -C -: a download cut short by a network error, a reboot or Ctrl-C resumes with an HTTP
     # Range request on the next run. A write error (full disk) deletes the partial file, so the
     # deploy never leaves a host's disk full. curl's progress meter goes to a file that the
@@ -335,13 +350,64 @@ def model_file(dest: str, model: ModelFile) -> Commands:
         'the model in service is untouched" >&2; exit 1; elif [ "$rc" != 0 ]; then '
         'echo "download of $url stopped (curl exit $rc) at $(stat -c %s "$tmp" 2>/dev/null '
         '|| echo 0) bytes; the next run resumes it" >&2; exit 1; fi'
-        if model.url
-        else "true"
     )
-    if model.local_path:
-        # files.put-style upload of the controller's copy to the partial path.
-        yield from _upload(model.local_path, f"{dest}.partial")
-    script = _script(
+    yield with_progress(
+        _place_model(dest, model, fetch),
+        what=f"download {model.file}",
+        log_path=f"{dest}.partial.progress",
+        parse=curl_progress,
+    )
+
+
+@operation()
+def publish_model(dest: str, model: ModelFile, role: ShareRole | None, artifact: str) -> Commands:
+    """Copy this host's verified model into the controller cache, for the fleet's other hosts.
+
+    The controller keeps it only when the bytes that arrived have the catalogue's sha256.
+
+    + dest: the model's path on the host (placed and verified by model_file)
+    + model: the catalogue entry (its sha256 is what the copy must hash to)
+    + role: this host's part in fetching the model; only a publishing host copies
+    + artifact: the path in the controller cache (`<cache>/models-shared/<sha256>/<file>`)
+    """
+    if role is None or not role.publish:
+        return
+    if is_cached(Path(artifact)):
+        host.noop(f"{model.file} already in the controller cache")
+        return
+    received = f"{artifact}.{_safe_name(host.name)}.partial"
+    yield FunctionCommand(_mkdir_local, (str(Path(artifact).parent),), {})
+    yield FileDownloadCommand(dest, received)
+    yield FunctionCommand(_store, (received, artifact, f"model {model.file}", model.sha256), {})
+
+
+@operation()
+def install_model(dest: str, model: ModelFile, role: ShareRole | None, artifact: str) -> Commands:
+    """Place a model from the controller cache, verified on the controller before it is sent and
+    on the host before it is moved into place (the model in service stays otherwise).
+
+    + dest: final path on the host
+    + model: the catalogue entry (sha256, optional size)
+    + role: this host's part in fetching the model; only an installing host places it
+    + artifact: the path in the controller cache (`<cache>/models-shared/<sha256>/<file>`)
+    """
+    if role is None or not role.install:
+        return
+    if model_verified(host.get_fact(ModelFileStamp, path=dest), model.sha256):
+        host.noop(f"{dest} present and verified")
+        return
+    unchanged = "the model in service is untouched"
+    what = f"model {model.file}"
+    yield FunctionCommand(_check_artifact, (artifact, what, role.source, unchanged), {})
+    yield from _upload(artifact, f"{dest}.partial")
+    yield _place_model(dest, model, fetch="true")
+
+
+def _place_model(dest: str, model: ModelFile, fetch: str) -> StringCommand:
+    """Verify `dest.partial` (size, then sha256) and move it into place, after `fetch` (a shell
+    snippet that fills it, or "true" when it was uploaded); a file already good at `dest` is kept.
+    """
+    return _script(
         'tmp="$dest.partial"; mkdir -p "$(dirname "$dest")"; : >"$(dirname "$dest")/$owned"; '
         'if [ -f "$dest" ] && [ "$(sha256sum <"$dest" | cut -d" " -f1)" = "$want" ]; then '
         'rm -f "$tmp"; else ' + fetch + "; "
@@ -360,15 +426,6 @@ def model_file(dest: str, model: ModelFile) -> Commands:
         size=str(model.size or ""),
         owned=OWNED_MARKER,
     )
-    if model.url:
-        yield with_progress(
-            script,
-            what=f"download {model.file}",
-            log_path=f"{dest}.partial.progress",
-            parse=curl_progress,
-        )
-    else:
-        yield script
 
 
 def _upload(local_path: str, remote_path: str) -> Commands:

@@ -21,7 +21,6 @@ from typing import Any
 
 from pyinfra.api import OperationError
 
-from gemma4_fleet.build_share import builder_problems
 from gemma4_fleet.config import (
     ConfigError,
     HostConfig,
@@ -30,6 +29,7 @@ from gemma4_fleet.config import (
     stand_in_checksums,
 )
 from gemma4_fleet.facts import Gpu
+from gemma4_fleet.fleet_share import builder_problems
 from gemma4_fleet.host_checks import host_problems, inventory_problems
 from gemma4_fleet.tuning import annotate_plan_errors, apply_profile
 from gemma4_fleet.vram_plan import (

@@ -21,7 +21,7 @@ from pathlib import Path
 from pyinfra import host
 
 from gemma4_fleet import operations as g4f
-from gemma4_fleet.deploys import build_role, host_setup
+from gemma4_fleet.deploys import build_role, host_setup, model_roles
 from gemma4_fleet.deploys.build import llama_cpp
 from gemma4_fleet.deploys.models import models
 from gemma4_fleet.render import flag_names, server_argv
@@ -29,7 +29,7 @@ from gemma4_fleet.render import flag_names, server_argv
 setup = host_setup()
 config, plan = setup.config, setup.plan
 llama_cpp(config, build_role())
-models(config)
+models(config, model_roles())
 
 dump: dict[str, object] = {
     "host": host.name,

@@ -18,14 +18,6 @@ from pyinfra.operations.util import any_changed
 
 from gemma4_fleet import connection
 from gemma4_fleet import operations as g4f
-from gemma4_fleet.build_share import (
-    BuildHost,
-    BuildRole,
-    artifact_path,
-    is_cached,
-    share_builds,
-    share_key,
-)
 from gemma4_fleet.config import HostConfig, server_unit
 from gemma4_fleet.deploys.build import llama_cpp, toolchain
 from gemma4_fleet.deploys.gpu_services import gpu_services, pin_gpu_service
@@ -33,16 +25,35 @@ from gemma4_fleet.deploys.models import models
 from gemma4_fleet.deploys.removal import retired
 from gemma4_fleet.deploys.reporting import collected_reports, print_fleet_table
 from gemma4_fleet.deploys.units import instance_unit, servers, service_basics
-from gemma4_fleet.facts import Gpu, LlamaCppBuildInfo, NvidiaGpus, PasswdLine
+from gemma4_fleet.facts import (
+    Gpu,
+    LlamaCppBuildInfo,
+    ModelFileStamp,
+    NvidiaGpus,
+    PasswdLine,
+    model_verified,
+)
+from gemma4_fleet.fleet_share import (
+    ShareHost,
+    ShareRole,
+    artifact_path,
+    is_cached,
+    model_artifact_path,
+    plan_sharing,
+    share_key,
+)
 from gemma4_fleet.gpu_devices import gpu_devices
 from gemma4_fleet.pipeline import FleetConfigError, HostSetup, host_setups
 
-__all__ = ["build_role", "gemma4_mtp", "host_setup", "redeploy_unit"]
+__all__ = ["build_role", "gemma4_mtp", "host_setup", "model_roles", "redeploy_unit"]
 
 connection.install()  # a host lost mid-run fails alone
 
 _setups: weakref.WeakKeyDictionary[State, dict[str, HostSetup]] = weakref.WeakKeyDictionary()
-_roles: weakref.WeakKeyDictionary[State, dict[str, BuildRole]] = weakref.WeakKeyDictionary()
+_roles: weakref.WeakKeyDictionary[State, dict[str, ShareRole]] = weakref.WeakKeyDictionary()
+_model_roles: weakref.WeakKeyDictionary[State, dict[str, dict[str, ShareRole]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _gpu_facts(
@@ -68,7 +79,7 @@ def host_setup() -> HostSetup:
     return _setups[state][host.name]
 
 
-def build_role() -> BuildRole:
+def build_role() -> ShareRole:
     """This host's part in the fleet's builds; the first host to ask plans every host's.
 
     Reads each active host's build directory once, and which builds the controller cache holds.
@@ -78,7 +89,7 @@ def build_role() -> BuildRole:
         setups = _setups[state]
         hosts = [h for h in state.inventory.get_active_hosts() if h.name in setups]
         fleet = [
-            BuildHost(
+            ShareHost(
                 h.name,
                 share_key(setups[h.name].config.build_id, h.get_fact(LinuxDistribution)),
                 h.get_fact(LlamaCppBuildInfo, build_dir=setups[h.name].config.build_dir)
@@ -87,9 +98,41 @@ def build_role() -> BuildRole:
             )
             for h in hosts
         ]
-        cached = {b.build_id for b in fleet if is_cached(artifact_path(b.build_id))}
-        _roles[state] = share_builds(fleet, cached)
+        cached = {b.key for b in fleet if is_cached(artifact_path(b.key))}
+        _roles[state] = plan_sharing(fleet, cached)
     return _roles[state][host.name]
+
+
+def model_roles() -> dict[str, ShareRole]:
+    """This host's part in fetching each of its downloaded models (by sha256), once per fleet.
+
+    Reads each active host's model stamps once, and which models the controller cache holds.
+    Models uploaded from the controller (`local_path`) are not shared: every host gets them
+    from there anyway.
+    """
+    if state not in _model_roles:
+        host_setup()
+        setups = _setups[state]
+        wanted: dict[str, list[ShareHost]] = {}
+        files: dict[str, str] = {}
+        for h in state.inventory.get_active_hosts():
+            if h.name not in setups:
+                continue
+            config = setups[h.name].config
+            for name, model in config.used_models().items():
+                if not model.url:
+                    continue
+                stamp = h.get_fact(ModelFileStamp, path=config.model_path(name))
+                holder = ShareHost(h.name, model.sha256, model_verified(stamp, model.sha256))
+                wanted.setdefault(model.sha256, []).append(holder)
+                files[model.sha256] = model.file
+        roles: dict[str, dict[str, ShareRole]] = {}
+        for sha, holders in wanted.items():
+            cached = {sha} if is_cached(model_artifact_path(sha, files[sha])) else set()
+            for name, role in plan_sharing(holders, cached).items():
+                roles.setdefault(name, {})[sha] = role
+        _model_roles[state] = roles
+    return _model_roles[state].get(host.name, {})
 
 
 @deploy("Gemma 4 + MTP llama-server")
@@ -100,7 +143,7 @@ def gemma4_mtp() -> None:
     config = setup.config
     toolchain(config, setup.gpus)
     built = llama_cpp(config, build_role())
-    placed = models(config)
+    placed = models(config, model_roles())
     gpu_devices(setup)
     # Before the new units start: a removed instance may hold the port a new one wants.
     removed = retired(config)

@@ -10,9 +10,9 @@ from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import apt, files
 
 from gemma4_fleet import operations as g4f
-from gemma4_fleet.build_share import BuildRole, artifact_path, share_key
 from gemma4_fleet.config import HostConfig
 from gemma4_fleet.facts import CudaToolkit, Gpu, LlamaCppBuildInfo
+from gemma4_fleet.fleet_share import ShareRole, artifact_path, share_key
 
 BUILD_PACKAGES = [
     "cmake",
@@ -65,12 +65,12 @@ def toolchain(config: HostConfig, gpus: list[Gpu]) -> None:
 
 
 @deploy("llama.cpp build")
-def llama_cpp(config: HostConfig, role: BuildRole) -> list[OperationMeta]:
+def llama_cpp(config: HostConfig, role: ShareRole) -> list[OperationMeta]:
     """Check out the pinned commit and build it into builds/<commit-options>, once per fleet.
 
     Nothing is fetched or built when that build directory is already complete. Otherwise one
     host per build id compiles and packs its build into the controller cache, and the others
-    unpack it from there (gemma4_fleet.build_share). Every host calls every operation, so the
+    unpack it from there (gemma4_fleet.fleet_share). Every host calls every operation, so the
     build and pack on one host run before the placing on the others.
     """
     if config.build.cuda and not config.build.cuda_architectures:
@@ -84,7 +84,7 @@ def llama_cpp(config: HostConfig, role: BuildRole) -> list[OperationMeta]:
     files.directory(name="llama.cpp install root", path=root, mode="755")
 
     def missing() -> bool:
-        return role.compile and host.get_fact(LlamaCppBuildInfo, build_dir=config.build_dir) is None
+        return role.make and host.get_fact(LlamaCppBuildInfo, build_dir=config.build_dir) is None
 
     g4f.source(
         name=f"llama.cpp source at {config.llamacpp.short}",

@@ -1,14 +1,22 @@
-"""Build once per build identity: which host compiles, and which get the controller's artifact.
+"""Once per fleet: which host compiles a build or fetches a model, and which get it from the
+controller's cache instead.
 
-Hosts whose build id (commit + options + CUDA architectures) and distribution release are the same
-can run the same binaries (a binary linked on Debian 13 needs its newer glibc, so the release is
-part of the share key). Per key one host compiles (the host with `llama_builder: true`, else the
-first of that key in the inventory); its finished build directory is packed (tar.gz + sha256) into
-the controller's cache, `<cache>/builds/<key>.tar.gz` with `.tar.gz.sha256`, and every other host
-of that key unpacks it from there. A host that already holds the build is never touched; when the
-cache lacks a build some host needs but another host holds, that holder's copy is packed instead of
-compiling again. A cached artifact is verified against its sha256 on the controller before it is
-sent, and again on the host before it is unpacked.
+Builds: hosts whose build id (commit + options + CUDA architectures) and distribution release are
+the same can run the same binaries (a binary linked on Debian 13 needs its newer glibc, so the
+release is part of the share key). Per key one host compiles (the host with `llama_builder:
+true`, else the first of that key in the inventory); its finished build directory is packed
+(tar.gz + sha256) into the controller's cache, `<cache>/builds/<key>.tar.gz` with `.tar.gz.sha256`,
+and every other host of that key unpacks it from there.
+
+Models: the key is the file's sha256. One host downloads it from its URL (resumable), the
+controller copies it into `<cache>/models-shared/<sha256>/<file>`, and every other host gets it
+from there, so the internet (or the mirror) is asked once per fleet, and never again while the
+controller keeps it.
+
+Either way a host that already holds the thing is never touched; when the cache lacks it but a
+host holds it, that host's copy goes to the cache instead of compiling or fetching again. What
+the cache holds is verified against its sha256 on the controller before it is sent, and again on
+the host before it is used.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import os
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from gemma4_fleet.common import cache_dir, sha256_file
@@ -25,23 +34,23 @@ CONTROLLER_CACHE = "controller cache"
 
 
 @dataclass(frozen=True)
-class BuildHost:
+class ShareHost:
     """What the share plan needs to know of one host (read at prepare time)."""
 
     name: str
-    build_id: str  # the share key: build id + release (share_key)
-    installed: bool  # the build directory is complete on the host
+    key: str  # builds: build id + release (share_key); models: the sha256
+    installed: bool  # the build directory is complete / the model file is verified on the host
     marked: bool = False  # llama_builder: true
 
 
 @dataclass(frozen=True)
-class BuildRole:
-    """One host's part in getting its build."""
+class ShareRole:
+    """One host's part in getting one build or model."""
 
-    compile: bool = False  # build from source here
-    publish: bool = False  # pack this host's build into the controller cache
-    install: bool = False  # unpack the artifact from the controller cache
-    source: str = ""  # where the build comes from: a host name or CONTROLLER_CACHE
+    make: bool = False  # compile the build / download the model here
+    publish: bool = False  # copy this host's build or model into the controller cache
+    install: bool = False  # place it from the controller cache
+    source: str = ""  # where it comes from: a host name or CONTROLLER_CACHE
     installed: bool = False  # complete on the host already (read once, for the whole fleet)
 
 
@@ -61,34 +70,34 @@ def builder_problems(configs: Mapping[str, HostConfig]) -> list[str]:
     return problems
 
 
-def share_builds(hosts: Sequence[BuildHost], cached: Collection[str]) -> dict[str, BuildRole]:
-    """The role of every host, for the build ids in `cached` already in the controller cache.
+def plan_sharing(hosts: Sequence[ShareHost], cached: Collection[str]) -> dict[str, ShareRole]:
+    """The role of every host, for the keys in `cached` already in the controller cache.
 
-    Inventory order decides ties: the first marked host, else the first host of a build id.
+    Inventory order decides ties: the first marked host, else the first host of a key.
     """
-    groups: dict[str, list[BuildHost]] = {}
+    groups: dict[str, list[ShareHost]] = {}
     for h in hosts:
-        groups.setdefault(h.build_id, []).append(h)
-    roles: dict[str, BuildRole] = {}
-    for build_id, group in groups.items():
+        groups.setdefault(h.key, []).append(h)
+    roles: dict[str, ShareRole] = {}
+    for key, group in groups.items():
         needing = [h for h in group if not h.installed]
         holders = [h for h in group if h.installed]
         for h in holders:
-            roles[h.name] = BuildRole(source=h.name, installed=True)
+            roles[h.name] = ShareRole(source=h.name, installed=True)
         if not needing:
             continue
-        if build_id in cached:
+        if key in cached:
             source = CONTROLLER_CACHE
         elif holders:
             publisher = next((h for h in holders if h.marked), holders[0])
-            roles[publisher.name] = BuildRole(publish=True, source=publisher.name, installed=True)
+            roles[publisher.name] = ShareRole(publish=True, source=publisher.name, installed=True)
             source = publisher.name
         else:
             builder = next((h for h in needing if h.marked), needing[0])
-            roles[builder.name] = BuildRole(compile=True, publish=True, source=builder.name)
+            roles[builder.name] = ShareRole(make=True, publish=True, source=builder.name)
             source = builder.name
         for h in needing:
-            roles.setdefault(h.name, BuildRole(install=True, source=source))
+            roles.setdefault(h.name, ShareRole(install=True, source=source))
     return roles
 
 
@@ -103,6 +112,11 @@ def share_key(build_id: str, distribution: Mapping[str, object] | None) -> str:
 def artifact_path(build_id: str, cache: Path | None = None) -> Path:
     """`<cache>/builds/<build id>.tar.gz`; its checksum is the same path + `.sha256`."""
     return (cache or cache_dir()) / "builds" / f"{build_id}.tar.gz"
+
+
+def model_artifact_path(sha256: str, file: str, cache: Path | None = None) -> Path:
+    """`<cache>/models-shared/<sha256>/<file>`; its checksum is the same path + `.sha256`."""
+    return (cache or cache_dir()) / "models-shared" / sha256 / file
 
 
 def checksum_path(artifact: Path) -> Path:
@@ -125,13 +139,20 @@ def artifact_problem(artifact: Path) -> str | None:
     if not is_cached(artifact):
         return f"{artifact} (and its .sha256) is not in the controller cache"
     want = recorded_sha256(artifact)
-    got = sha256_file(artifact)
+    stat = artifact.stat()
+    got = _sha256_of(artifact, stat.st_size, stat.st_mtime_ns)
     if got != want:
         return (
             f"{artifact} is corrupt: its sha256 is {got}, {checksum_path(artifact).name} says "
             f"{want}; rejected (delete both files to have the build made again)"
         )
     return None
+
+
+@lru_cache(maxsize=64)
+def _sha256_of(path: Path, size: int, mtime_ns: int) -> str:
+    """Hash a cached file once per run, not once per host it is sent to (size and mtime key it)."""
+    return sha256_file(path)
 
 
 def store_artifact(received: Path, want: str, artifact: Path) -> str | None:

@@ -1,4 +1,4 @@
-"""Build once per build id: who compiles, who gets the artifact, and how an artifact is checked."""
+"""Once per fleet: who compiles or downloads, who gets the controller's copy, how it is checked."""
 
 from __future__ import annotations
 
@@ -13,68 +13,68 @@ import pytest
 from pyinfra.api import FileDownloadCommand, FileUploadCommand, FunctionCommand, StringCommand
 
 from gemma4_fleet import operations as g4f
-from gemma4_fleet.build_share import (
+from gemma4_fleet.config import ModelFile, parse_host_config
+from gemma4_fleet.facts import LlamaCppBuildInfo, ModelFileStamp
+from gemma4_fleet.fleet_share import (
     CONTROLLER_CACHE,
-    BuildHost,
-    BuildRole,
+    ShareHost,
+    ShareRole,
     artifact_path,
     artifact_problem,
     builder_problems,
-    share_builds,
+    plan_sharing,
     share_key,
     store_artifact,
 )
-from gemma4_fleet.config import parse_host_config
-from gemma4_fleet.facts import LlamaCppBuildInfo
 from gemma4_fleet.host_scripts.prune import MARKER
 from tests.unit.test_config import host_data
 from tests.unit.test_operations import RecordedHost, fact, run_op, script_words
 
 pytestmark = pytest.mark.unit
-COMPILE = BuildRole(compile=True, publish=True)
+COMPILE = ShareRole(make=True, publish=True)
 
 
-def roles(hosts: list[BuildHost], cached: set[str] | None = None) -> dict[str, BuildRole]:
-    return share_builds(hosts, cached or set())
+def roles(hosts: list[ShareHost], cached: set[str] | None = None) -> dict[str, ShareRole]:
+    return plan_sharing(hosts, cached or set())
 
 
 def test_first_host_of_a_build_id_compiles_and_the_rest_install_its_artifact() -> None:
-    got = roles([BuildHost("a", "id1", False), BuildHost("b", "id1", False)])
+    got = roles([ShareHost("a", "id1", False), ShareHost("b", "id1", False)])
     assert got == {
-        "a": BuildRole(compile=True, publish=True, source="a"),
-        "b": BuildRole(install=True, source="a"),
+        "a": ShareRole(make=True, publish=True, source="a"),
+        "b": ShareRole(install=True, source="a"),
     }
 
 
 def test_a_marked_host_compiles_and_each_build_id_has_its_own_builder() -> None:
     got = roles(
         [
-            BuildHost("a", "sm89", False),
-            BuildHost("b", "sm89", False, marked=True),
-            BuildHost("c", "sm86", False),
-            BuildHost("d", "sm86", False),
+            ShareHost("a", "sm89", False),
+            ShareHost("b", "sm89", False, marked=True),
+            ShareHost("c", "sm86", False),
+            ShareHost("d", "sm86", False),
         ]
     )
-    assert [n for n, r in got.items() if r.compile] == ["b", "c"]
-    assert got["a"] == BuildRole(install=True, source="b")
-    assert got["d"] == BuildRole(install=True, source="c")
+    assert [n for n, r in got.items() if r.make] == ["b", "c"]
+    assert got["a"] == ShareRole(install=True, source="b")
+    assert got["d"] == ShareRole(install=True, source="c")
 
 
 def test_nobody_compiles_what_the_cache_or_a_host_already_has() -> None:
-    cached = roles([BuildHost("a", "id1", False), BuildHost("b", "id1", False)], {"id1"})
+    cached = roles([ShareHost("a", "id1", False), ShareHost("b", "id1", False)], {"id1"})
     assert cached == {
-        "a": BuildRole(install=True, source=CONTROLLER_CACHE),
-        "b": BuildRole(install=True, source=CONTROLLER_CACHE),
+        "a": ShareRole(install=True, source=CONTROLLER_CACHE),
+        "b": ShareRole(install=True, source=CONTROLLER_CACHE),
     }
     # the marked host lacks the build but another has it: that copy is packed, no compile
-    held = roles([BuildHost("a", "id1", True), BuildHost("b", "id1", False, marked=True)])
+    held = roles([ShareHost("a", "id1", True), ShareHost("b", "id1", False, marked=True)])
     assert held == {
-        "a": BuildRole(publish=True, source="a", installed=True),
-        "b": BuildRole(install=True, source="a"),
+        "a": ShareRole(publish=True, source="a", installed=True),
+        "b": ShareRole(install=True, source="a"),
     }
     # everybody has it: nothing to do, nothing packed (a no-op stays a no-op)
-    done = roles([BuildHost("a", "id1", True), BuildHost("b", "id1", True)])
-    assert not any(r.compile or r.publish or r.install for r in done.values())
+    done = roles([ShareHost("a", "id1", True), ShareHost("b", "id1", True)])
+    assert not any(r.make or r.publish or r.install for r in done.values())
 
 
 def test_two_marked_builders_of_one_build_id_are_refused_naming_the_host() -> None:
@@ -131,7 +131,7 @@ def test_only_the_publishing_host_packs_and_only_installing_hosts_place(
 ) -> None:
     artifact = str(tmp_path / "builds" / f"{config.build_id}.tar.gz")
     host = RecordedHost(fact(LlamaCppBuildInfo, None, build_dir=config.build_dir))
-    install = BuildRole(install=True, source="box0")
+    install = ShareRole(install=True, source="box0")
     assert run_op(g4f.build, host, config=config, role=install) == []
     assert host.noops == [f"llama.cpp build {config.build_id}: not compiled here (from box0)"]
     assert run_op(g4f.publish_build, host, config=config, role=install, artifact=artifact) == []
@@ -150,7 +150,13 @@ def test_only_the_publishing_host_packs_and_only_installing_hosts_place(
     check, _mkdir, up_tar, up_sha, unpack = run_op(
         g4f.install_build, host, config=config, role=install, artifact=artifact
     )
-    assert isinstance(check, FunctionCommand) and check.args == (artifact, config.build_id, "box0")
+    assert isinstance(check, FunctionCommand)
+    assert check.args == (
+        artifact,
+        f"llama.cpp build {config.build_id}",
+        "box0",
+        "the build it has keeps serving",
+    )
     assert isinstance(up_tar, FileUploadCommand) and isinstance(up_sha, FileUploadCommand)
     assert (up_tar.src, up_tar.dest) == (artifact, packed)
     assert (up_sha.src, up_sha.dest) == (f"{artifact}.sha256", f"{packed}.sha256")
@@ -159,7 +165,7 @@ def test_only_the_publishing_host_packs_and_only_installing_hosts_place(
     installed = RecordedHost(fact(LlamaCppBuildInfo, {"id": "x"}, build_dir=config.build_dir))
     assert run_op(g4f.install_build, installed, config=config, role=install, artifact="a") == []
     # the fleet's plan read the build directory already: no second round trip for it
-    have = BuildRole(source="box1", installed=True)
+    have = ShareRole(source="box1", installed=True)
     nothing = RecordedHost({})
     assert run_op(g4f.build, nothing, config=config, role=have) == []
     assert nothing.noops == [f"llama.cpp build {config.build_id} already installed"]
@@ -182,7 +188,7 @@ def test_the_unpack_script_places_a_verified_build_and_refuses_a_tampered_one(
     config = config.model_copy(
         update={"build": config.build.model_copy(update={"install_root": str(root)})}
     )
-    role = BuildRole(install=True, source="box0")
+    role = ShareRole(install=True, source="box0")
     host = RecordedHost(fact(LlamaCppBuildInfo, None, build_dir=config.build_dir))
     *_, unpack = run_op(g4f.install_build, host, config=config, role=role, artifact="a")
     upload = root / "build" / f"{config.build_id}.tar.gz"
@@ -225,10 +231,86 @@ def test_share_key_keeps_releases_apart() -> None:
     # one compile per release: a Debian 13 binary would not run on Debian 12's older glibc
     got = roles(
         [
-            BuildHost("a", share_key("id1", bookworm), False),
-            BuildHost("b", share_key("id1", trixie), False),
-            BuildHost("c", share_key("id1", bookworm), False),
+            ShareHost("a", share_key("id1", bookworm), False),
+            ShareHost("b", share_key("id1", trixie), False),
+            ShareHost("c", share_key("id1", bookworm), False),
         ]
     )
-    assert got["a"].compile and got["b"].compile and not got["c"].compile
+    assert got["a"].make and got["b"].make and not got["c"].make
     assert got["c"].install and got["c"].source == "a"
+
+
+def _url_model(data: bytes) -> ModelFile:
+    return ModelFile(
+        role="target",
+        file="t.gguf",
+        url="http://mirror/t.gguf",
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def test_one_host_downloads_a_model_publishes_it_and_the_others_place_the_copy(
+    tmp_path: Path,
+) -> None:
+    # the plan: a model is keyed by its sha256; a host holding it verified is left alone
+    sha = hashlib.sha256(b"GGUF").hexdigest()
+    plan = roles(
+        [ShareHost("a", sha, True), ShareHost("b", sha, False), ShareHost("c", sha, False)]
+    )
+    assert plan["a"] == ShareRole(publish=True, source="a", installed=True)
+    assert plan["b"] == plan["c"] == ShareRole(install=True, source="a")
+
+    model = _url_model(b"GGUF")
+    dest = "/var/lib/llama-models/x y/t.gguf"
+    artifact = tmp_path / "models-shared" / model.sha256 / "t.gguf"
+    missing = RecordedHost(fact(ModelFileStamp, None, path=dest))
+    fetch, publish, install = ShareRole(make=True, publish=True, source="a"), plan["a"], plan["b"]
+    # only the fetching host downloads; the others wait for the controller's copy
+    assert run_op(g4f.model_file, missing, dest=dest, model=model, role=install) == []
+    assert missing.noops == ["t.gguf: not downloaded here (from a)"]
+    (download,) = run_op(g4f.model_file, missing, dest=dest, model=model, role=fetch)
+    assert "curl" in download.command.get_raw_value()
+    assert (
+        run_op(g4f.install_model, missing, dest=dest, model=model, role=fetch, artifact="a") == []
+    )
+    assert (
+        run_op(g4f.publish_model, missing, dest=dest, model=model, role=install, artifact="a") == []
+    )
+
+    mkdir, get, store = run_op(
+        g4f.publish_model, missing, dest=dest, model=model, role=publish, artifact=str(artifact)
+    )
+    assert isinstance(mkdir, FunctionCommand) and isinstance(store, FunctionCommand)
+    assert isinstance(get, FileDownloadCommand)
+    assert (get.src, get.dest) == (dest, f"{artifact}.box1.partial")
+    # the controller keeps the copy only when it hashes to the catalogue's sha256
+    assert store.args == (f"{artifact}.box1.partial", str(artifact), "model t.gguf", model.sha256)
+
+    check, _mkdir, up, place = run_op(
+        g4f.install_model, missing, dest=dest, model=model, role=install, artifact=str(artifact)
+    )
+    assert isinstance(check, FunctionCommand)
+    assert check.args == (str(artifact), "model t.gguf", "a", "the model in service is untouched")
+    assert isinstance(up, FileUploadCommand) and (up.src, up.dest) == (
+        str(artifact),
+        f"{dest}.partial",
+    )
+    assert "curl" not in place.get_raw_value() and "sha256sum" in place.get_raw_value()
+    verified = RecordedHost(fact(ModelFileStamp, f"4 1 {model.sha256} 4 1", path=dest))
+    assert (
+        run_op(g4f.install_model, verified, dest=dest, model=model, role=install, artifact="a")
+        == []
+    )
+
+
+def test_a_received_model_is_kept_only_with_the_catalogue_sha256(tmp_path: Path) -> None:
+    artifact = tmp_path / "models-shared" / "s" / "t.gguf"
+    received = tmp_path / "t.gguf.box1.partial"
+    received.write_bytes(b"GGUF tampered")
+    want = hashlib.sha256(b"GGUF").hexdigest()
+    problem = store_artifact(received, want, artifact)
+    assert problem is not None and "t.gguf arrived with sha256" in problem
+    assert not received.exists() and not artifact.exists()
+    received.write_bytes(b"GGUF")
+    assert store_artifact(received, want, artifact) is None
+    assert artifact.read_bytes() == b"GGUF" and artifact_problem(artifact) is None
