@@ -224,6 +224,17 @@ class Fleet:
         link.symlink_to(path.resolve())
         return f"{self.mirror_url}/models/{path.name}"
 
+    def mirror_requests(self, path: str) -> list[tuple[str, str]]:
+        """(client address, Range header or "-") of each request for `path` the mirror served
+        since the fleet came up, oldest first."""
+        log = self.state_dir / "mirror.log"
+        lines = log.read_text().splitlines() if log.is_file() else []
+        return [
+            (fields[0], fields[3])
+            for fields in (line.split() for line in lines)
+            if len(fields) == 5 and fields[2] == path
+        ]
+
     def _network(self) -> None:
         _run("ip", "link", "add", self.bridge_name, "type", "bridge")
         _run("ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge_name)

@@ -63,6 +63,14 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         pass
 
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        """One line per request on stdout (the fleet's mirror.log): who asked for what.
+
+        Tests count the model fetches from it (Fleet.mirror_requests)."""
+        headers = getattr(self, "headers", None)  # absent when the request line did not parse
+        asked = (headers.get("Range") if headers else None) or "-"
+        print(f"{self.client_address[0]} {self.command} {self.path} {asked} {code}", flush=True)
+
     def send_head(self):  # type: ignore[no-untyped-def]
         header = self.headers.get("Range", "")
         path = Path(self.translate_path(self.path))

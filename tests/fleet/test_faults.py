@@ -26,7 +26,19 @@ from tests.fleet.test_deploy import UNIT, unit_state
 
 pytestmark = pytest.mark.fleet
 NODE = "g4f-node1"
+OTHER = "g4f-node2"
 PORT = 8766
+
+
+@pytest.fixture(scope="module", autouse=True)
+def controller_cache(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """This module's own, empty controller cache (G4F_CACHE for its pyinfra runs): a model that
+    another run left in the shared cache would be copied from there, and the download whose
+    faults these tests make would never happen."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("G4F_CACHE", str(tmp_path_factory.mktemp("controller-cache")))
+    yield
+    patch.undo()
 
 
 @dataclass
@@ -132,9 +144,9 @@ def deploy(*args: str, limit: str | None = NODE) -> PyinfraRun:
     return run_pyinfra("deploys/gemma4_mtp.py", *(["--limit", limit] if limit else []), *args)
 
 
-def model_in_service(fleet: Fleet) -> str:
+def model_in_service(fleet: Fleet, name: str = NODE) -> str:
     return (
-        fleet.ssh(NODE, f"systemctl show -p ExecStart --value {UNIT}")
+        fleet.ssh(name, f"systemctl show -p ExecStart --value {UNIT}")
         .stdout.split("--model ")[1]
         .split()[0]
     )
@@ -197,8 +209,8 @@ def test_corrupt_bytes_are_rejected_and_the_old_model_stays(
     assert partials == ""
 
 
-def test_an_interrupted_download_resumes_with_a_range_request(
-    fleet: Fleet, flaky: tuple[Served, dict[str, Any]], restore: None
+def test_an_interrupted_download_resumes_and_the_next_host_gets_the_controllers_copy(
+    fleet: Fleet, flaky: tuple[Served, dict[str, Any]], restore_all: None
 ) -> None:
     served, model = flaky
     size = model["_size"]
@@ -219,6 +231,15 @@ def test_an_interrupted_download_resumes_with_a_range_request(
     assert downloads == [(f"bytes={have}-", size - have)], downloads
     assert model_in_service(fleet).endswith(model["file"])
     print(f"\ndownload resume: {have} of {size} bytes kept, the rerun fetched {size - have}")
+
+    # The next host gets the model from the controller's copy: the mirror is not asked again.
+    served.requests.clear()
+    second = deploy(*with_flaky_target(fleet, model), limit=OTHER)
+    assert second.returncode == 0, second.output[-3000:]
+    assert download_requests(served) == []
+    assert model_in_service(fleet, OTHER).endswith(model["file"])
+    placed = f"Models | {model['file']} from the controller cache"
+    assert [n for op, n in second.changed().items() if op.endswith(placed)] == [1]
 
 
 def start_deploy(*args: str) -> subprocess.Popen[str]:
