@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from gemma4_fleet.testfleet.hosts import HOST_CCACHE_DIR, Fleet  # noqa: E402
 from gemma4_fleet.testfleet.inventory import demo_data  # noqa: E402
+from gemma4_fleet.testfleet.results import changed_ops, results_table  # noqa: E402
 
 PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
 
@@ -59,24 +60,6 @@ class Run:
         return sum(n for op, n in self.changed.items() if re.search(pattern, op))
 
 
-def changed_ops(output: str) -> dict[str, int]:
-    """Operation name -> hosts it changed, from pyinfra's Results table."""
-    table: dict[str, int] = {}
-    in_table = False
-    for line in output.splitlines():
-        if line.strip().startswith("Operation") and "No Change" in line:
-            in_table = True
-            continue
-        if in_table:
-            match = re.match(r"^\s+(.*?)\s{2,}(\d+)\s+(\d+|-)\s+(\d+|-)\s+(\d+|-)\s*$", line)
-            if not match:
-                break
-            success = 0 if match.group(3) == "-" else int(match.group(3))
-            if match.group(1) != "Grand total" and success:
-                table[match.group(1)] = success
-    return table
-
-
 def pyinfra(inventory: str, deploy: str, *args: str, env: dict[str, str]) -> Run:
     began = time.monotonic()
     result = subprocess.run(
@@ -89,7 +72,7 @@ def pyinfra(inventory: str, deploy: str, *args: str, env: dict[str, str]) -> Run
     )
     seconds = time.monotonic() - began
     output = result.stdout + result.stderr
-    return Run(seconds, result.returncode, changed_ops(output), output[-3000:])
+    return Run(seconds, result.returncode, changed_ops(results_table(output)), output[-3000:])
 
 
 def write_inventory(fleet: Fleet, path: Path, ccache: str) -> dict[str, Any]:

@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from typing import Any
 
 from gemma4_fleet.testfleet.gpuhost import GpuHost
 from gemma4_fleet.testfleet.mirrors import git_mirror
+from gemma4_fleet.testfleet.results import changed_ops, results_table
 
 MIRROR_PORT = 8765
 HOST = "g4f-gpuhost"
@@ -100,8 +100,7 @@ class Proof:
         secs = round(time.monotonic() - t, 1)
         output = res.stdout + res.stderr
         log.write_text(" ".join(cmd[3:]) + "\n\n" + output)
-        table = results_table(output)
-        changed = {k: v[0] for k, v in table.items() if v[0]}
+        changed = changed_ops(results_table(output))
         total = next((ln.strip() for ln in output.splitlines() if "Grand total" in ln), "")
         rec = {"rc": res.returncode, "s": secs, "changed": changed, "grand_total": total}
         say(f"pyinfra {label}: rc {res.returncode} in {secs} s, {len(changed)} ops changed")
@@ -907,24 +906,6 @@ def summary() -> str:
     for label, table in (R.get("tune_tables") or {}).items():
         lines += ["", f"### gemma4-fleet tune ({label})", "", "```", table.rstrip(), "```"]
     return "\n".join(lines) + "\n"
-
-
-def results_table(output: str) -> dict[str, tuple[int, int, int]]:
-    """Operation -> (success, error, no change) from pyinfra's results table."""
-    table: dict[str, tuple[int, int, int]] = {}
-    in_table = False
-    for line in output.splitlines():
-        if line.strip().startswith("Operation") and "No Change" in line:
-            in_table = True
-            continue
-        if in_table:
-            m = re.match(r"^\s+(.*?)\s{2,}(\d+)\s+(\d+|-)\s+(\d+|-)\s+(\d+|-)\s*$", line)
-            if not m:
-                break
-            c = tuple(0 if v == "-" else int(v) for v in m.groups()[2:])
-            if m.group(1) != "Grand total":
-                table[m.group(1)] = (c[0], c[1], c[2])
-    return table
 
 
 def main() -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ import pytest
 import requests
 
 from gemma4_fleet.testfleet.hosts import Fleet, host_releases
+from gemma4_fleet.testfleet.results import OpCounts, changed_ops, results_table
 
 ROOT = Path(__file__).resolve().parents[2]
 PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
@@ -26,27 +26,10 @@ class PyinfraRun:
     returncode: int
     output: str
     # Operation name -> (success, error, no change) host counts, from pyinfra's Results table.
-    results: dict[str, tuple[int, int, int]]
+    results: dict[str, OpCounts]
 
     def changed(self) -> dict[str, int]:
-        return {name: counts[0] for name, counts in self.results.items() if counts[0]}
-
-
-def _results(output: str) -> dict[str, tuple[int, int, int]]:
-    table: dict[str, tuple[int, int, int]] = {}
-    in_table = False
-    for line in output.splitlines():
-        if line.strip().startswith("Operation") and "No Change" in line:
-            in_table = True
-            continue
-        if in_table:
-            match = re.match(r"^\s+(.*?)\s{2,}(\d+)\s+(\d+|-)\s+(\d+|-)\s+(\d+|-)\s*$", line)
-            if not match:
-                break
-            counts = tuple(0 if v == "-" else int(v) for v in match.groups()[2:])
-            if match.group(1) != "Grand total":
-                table[match.group(1)] = (counts[0], counts[1], counts[2])
-    return table
+        return changed_ops(self.results)
 
 
 def run_pyinfra(
@@ -70,7 +53,7 @@ def run_pyinfra(
         check=False,
     )
     output = result.stdout + result.stderr
-    return PyinfraRun(result.returncode, output, _results(output))
+    return PyinfraRun(result.returncode, output, results_table(output))
 
 
 def data_arg(key: str, value: Any) -> list[str]:

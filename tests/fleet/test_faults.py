@@ -21,7 +21,8 @@ import requests
 
 from gemma4_fleet.testfleet.hosts import Fleet
 from gemma4_fleet.testfleet.inventory import demo_data
-from tests.fleet.conftest import PYINFRA, ROOT, PyinfraRun, _results, data_arg, run_pyinfra
+from gemma4_fleet.testfleet.results import results_table
+from tests.fleet.conftest import PYINFRA, ROOT, PyinfraRun, data_arg, run_pyinfra
 from tests.fleet.test_deploy import UNIT, unit_state
 
 pytestmark = pytest.mark.fleet
@@ -268,7 +269,7 @@ def finish(proc: subprocess.Popen[str], lines: list[str]) -> PyinfraRun:
     lines.extend(proc.stdout)
     proc.wait(timeout=900)
     output = "".join(lines)
-    return PyinfraRun(proc.returncode, output, _results(output))
+    return PyinfraRun(proc.returncode, output, results_table(output))
 
 
 def unit_sums(fleet: Fleet, name: str) -> dict[str, str]:
