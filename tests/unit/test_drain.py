@@ -9,14 +9,12 @@ import ast
 import json
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from gemma4_fleet.host_scripts import drain as dr
+from tests.unit.conftest import StandIn
 
 pytestmark = pytest.mark.unit
 DATA = Path(__file__).parent / "data" / "smoke"
@@ -126,41 +124,13 @@ def test_read_key_skips_comments_and_unreadable_files(tmp_path: Path) -> None:
     assert dr.read_key([str(tmp_path / "missing")]) is None
 
 
-@pytest.fixture
-def server() -> Iterator[tuple[str, list[bytes], list[str | None]]]:
-    """A local HTTP server replying with the queued /slots bodies (last one repeats)."""
-    bodies: list[bytes] = []
-    auth: list[str | None] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-        def do_GET(self) -> None:
-            auth.append(self.headers.get("Authorization"))
-            body = bodies.pop(0) if len(bodies) > 1 else bodies[0]
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", bodies, auth
-    httpd.shutdown()
-
-
-def test_http_fetch_sends_the_key(
-    server: tuple[str, list[bytes], list[str | None]], tmp_path: Path
-) -> None:
-    url, bodies, auth = server
-    bodies += [BUSY, IDLE]
+def test_http_fetch_sends_the_key(stand_in: StandIn) -> None:
+    stand_in.bodies += [BUSY, IDLE]
     lines: list[str] = []
-    fetch = dr.http_fetch(url, "k3y")
+    fetch = dr.http_fetch(stand_in.url, "k3y")
     assert dr.drain("u", fetch, 5, 0.05, say=lines.append)
     assert lines[-1].startswith("u: drained after ")
-    assert set(auth) == {"Bearer k3y"}
+    assert set(stand_in.auth) == {"Bearer k3y"}
 
 
 def test_the_script_runs_as_a_file_and_reports_a_down_unit(tmp_path: Path) -> None:

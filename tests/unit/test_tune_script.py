@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from gemma4_fleet.host_scripts import tune
+from tests.unit.conftest import StandIn
 
 pytestmark = pytest.mark.unit
 
@@ -120,34 +121,16 @@ def test_slots_idle_and_draft_length_of_a_label() -> None:
     assert (tune._draft_n("mtp-4"), tune._draft_n("none")) == (4, 0)
 
 
-def test_a_busy_service_is_left_alone(tmp_path: Path) -> None:
+def test_a_busy_service_is_left_alone(tmp_path: Path, stand_in: StandIn) -> None:
     """A service that never goes idle: nothing is started or stopped, status busy, exit 3."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Busy(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def do_GET(self) -> None:
-            body = json.dumps([{"id": 0, "is_processing": True}]).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Busy)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        spec = {
-            "instance": "gemma4",
-            "unit": "llama-server-gemma4.service",
-            "service_url": f"http://127.0.0.1:{server.server_address[1]}",
-            "drain_timeout": 0.3,
-            "stop_service": True,
-        }
-        path = tmp_path / "spec.json"
-        path.write_text(json.dumps(spec))
-        assert tune.main(["--spec", str(path)]) == tune.EXIT_BUSY
-    finally:
-        server.shutdown()
+    stand_in.bodies.append(json.dumps([{"id": 0, "is_processing": True}]).encode())
+    spec = {
+        "instance": "gemma4",
+        "unit": "llama-server-gemma4.service",
+        "service_url": stand_in.url,
+        "drain_timeout": 0.3,
+        "stop_service": True,
+    }
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    assert tune.main(["--spec", str(path)]) == tune.EXIT_BUSY
