@@ -19,6 +19,7 @@ MODULES = [
     "gemma4_fleet.pipeline",
     "gemma4_fleet.render",
     "gemma4_fleet.synthetic",
+    "gemma4_fleet.tune_command",
     "gemma4_fleet.vram_plan",
 ]
 
