@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import ast
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
+
+
+def import_roots(path: Path) -> set[str]:
+    """Top-level names of the modules a file imports, to hold a host script to what its hosts
+    have; a relative import counts as "." (a script shipped alone has no package beside it)."""
+    roots: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            roots.add("." if node.level else (node.module or "").split(".")[0])
+    return roots
 
 
 @dataclass

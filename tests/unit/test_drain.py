@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gemma4_fleet.host_scripts import drain as dr
-from tests.unit.conftest import StandIn
+from tests.unit.conftest import StandIn, import_roots
 
 pytestmark = pytest.mark.unit
 DATA = Path(__file__).parent / "data" / "smoke"
@@ -23,17 +22,7 @@ BUSY = (DATA / "slots_busy.json").read_bytes()
 
 
 def test_the_script_uses_the_standard_library_only() -> None:
-    tree = ast.parse(Path(dr.__file__).read_text())
-    modules = {
-        alias.name.split(".")[0]
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Import)
-        for alias in node.names
-    } | {
-        node.module.split(".")[0]
-        for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom) and node.module
-    }
+    modules = import_roots(Path(dr.__file__))
     assert modules <= set(sys.stdlib_module_names) | {"__future__"}, modules
 
 

@@ -20,7 +20,6 @@ llama-server build of llama.cpp 0c1e570 with Gemma 3 270M Q4_K_M as target and d
 
 from __future__ import annotations
 
-import ast
 import json
 import math
 import os
@@ -40,6 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gemma4_fleet.deploys.reporting import table_row
 from gemma4_fleet.host_scripts import smoke_check as sc
+from tests.unit.conftest import import_roots
 
 pytestmark = pytest.mark.unit
 
@@ -69,14 +69,7 @@ def counters(run: str, which: str) -> sc.SpecCounters:
 
 
 def test_module_imports_only_stdlib_and_prometheus_client() -> None:
-    tree = ast.parse(Path(sc.__file__).read_text())
-    roots: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            roots.update(a.name.split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, "no relative imports"
-            roots.add((node.module or "").split(".")[0])
+    roots = import_roots(Path(sc.__file__))
     assert roots - {"__future__", "prometheus_client"} <= set(sys.stdlib_module_names)
     assert "prometheus_client" in roots
 

@@ -6,7 +6,6 @@ servers in tests/fleet/test_tune.py.
 
 from __future__ import annotations
 
-import ast
 import json
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gemma4_fleet.host_scripts import tune
-from tests.unit.conftest import StandIn
+from tests.unit.conftest import StandIn, import_roots
 
 pytestmark = pytest.mark.unit
 
@@ -35,17 +34,7 @@ llamacpp:requests_processing 0
 
 
 def test_imports_only_the_standard_library() -> None:
-    tree = ast.parse(Path(tune.__file__).read_text())
-    modules = {
-        alias.name.split(".")[0]
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Import)
-        for alias in node.names
-    } | {
-        node.module.split(".")[0]
-        for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom) and node.module
-    }
+    modules = import_roots(Path(tune.__file__))
     assert modules <= set(sys.stdlib_module_names) | {"__future__"}
 
 
