@@ -9,8 +9,9 @@ For each host count it boots that many fresh test hosts per run (a named fleet o
    one instance field changed (draft_n_max), so the unit really restarts and is verified.
 
 It counts, per first converge, the compiles (hosts where the "Build llama.cpp" operation
-changed), the artifacts placed from the controller cache, and the model fetches (hosts where a
-"Model" operation changed), and prints medians over the runs as a Markdown table.
+changed), the builds placed from the controller cache, the model fetches (hosts where a "Model"
+operation downloaded) and the models placed from the controller cache, and prints medians over
+the runs as a Markdown table.
 
     bench/converge.py --hosts 1,3 --runs 3                 # each run: empty controller cache
     bench/converge.py --hosts 8 --runs 3 --ccache empty    # each host compiles from nothing
@@ -120,8 +121,10 @@ def one_run(fleet: Fleet, count: int, args: argparse.Namespace, cache: Path) -> 
         "noop_s": noop.seconds,
         "surgical_s": surgical.seconds,
         "compiles": first.count("Build llama.cpp"),
-        "from_cache": first.count("from the controller cache"),
+        "from_cache": first.count(r"llama\.cpp \S+ from the controller cache"),
+        # Downloads from the model's URL; the other hosts place the controller's copy.
         "model_fetches": first.count(r"(^|\| )Model [^|]*\.gguf"),
+        "models_from_cache": first.count(r"\.gguf from the controller cache"),
     }
 
 
@@ -151,8 +154,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     print(
-        "\n| hosts | first converge s | no-op s | surgical s | compiles | from cache "
-        "| model fetches |\n|---|---|---|---|---|---|---|"
+        "\n| hosts | first converge s | no-op s | surgical s | compiles | builds from cache "
+        "| model fetches | models from cache |\n|---|---|---|---|---|---|---|---|"
     )
     for count, runs in results.items():
 
@@ -162,7 +165,7 @@ def main() -> None:
         print(
             f"| {count} | {median('first_s'):.1f} | {median('noop_s'):.1f} "
             f"| {median('surgical_s'):.1f} | {median('compiles'):g} | {median('from_cache'):g} "
-            f"| {median('model_fetches'):g} |"
+            f"| {median('model_fetches'):g} | {median('models_from_cache'):g} |"
         )
 
 

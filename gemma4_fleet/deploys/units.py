@@ -136,7 +136,11 @@ def instance_unit(
         lkg_dir=g4f.LKG_DIR,
     )
     smoke = smoke_units(config, inst)
-    systemd.daemon_reload(name=f"daemon-reload for {inst.unit}", _if=any_changed(unit, *smoke))
+    # A unit a cut-short run wrote may never have been loaded: systemd would restart the old one.
+    systemd.daemon_reload(
+        name=f"daemon-reload for {inst.unit}",
+        _if=lambda: bool(unverified) or bool(any_changed(unit, *smoke)()),
+    )
     if smoke:
         systemd.service(
             name=f"{inst.smoke_timer} enabled", service=inst.smoke_timer, running=True, enabled=True
