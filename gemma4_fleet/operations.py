@@ -326,7 +326,10 @@ def model_file(dest: str, model: ModelFile, role: ShareRole | None = None) -> Co
     + role: this host's part in fetching the model once per fleet (None: fetch it here); a
       host that gets it from the controller cache (install_model) downloads nothing
     """
-    if model_verified(host.get_fact(ModelFileStamp, path=dest), model.sha256):
+    # The fleet's plan read the stamp already (role.installed): no second round trip for it.
+    if (role is not None and role.installed) or (
+        role is None and model_verified(host.get_fact(ModelFileStamp, path=dest), model.sha256)
+    ):
         host.noop(f"{dest} present and verified")
         return
     if role is not None and not role.make:
@@ -392,9 +395,6 @@ def install_model(dest: str, model: ModelFile, role: ShareRole | None, artifact:
     + artifact: the path in the controller cache (`<cache>/models-shared/<sha256>/<file>`)
     """
     if role is None or not role.install:
-        return
-    if model_verified(host.get_fact(ModelFileStamp, path=dest), model.sha256):
-        host.noop(f"{dest} present and verified")
         return
     unchanged = "the model in service is untouched"
     what = f"model {model.file}"

@@ -1,17 +1,25 @@
 """Packaged pyinfra deploys: the whole job per host (`gemma4_mtp`) and one unit (`redeploy_unit`).
 
 Each host's setup comes from :func:`gemma4_fleet.pipeline.host_setups`, computed once per run for
-every active host, so one bad host stops the run before any operation.
+every active host, so one bad host stops the run before any operation. pyinfra loads the deploy
+for all hosts at once (one greenlet each): the first to ask computes the fleet-wide setup and
+share plans under a lock while the others wait, and the facts those need are read from every host
+at once, so preparing N hosts costs about the round trips of one, not N times the fleet's.
 """
 
 from __future__ import annotations
 
 import time
 import weakref
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
+import gevent
+import gevent.lock
 from pyinfra import host, logger, state
 from pyinfra.api import State, deploy
+from pyinfra.api.host import Host
+from pyinfra.context import ctx_host
 from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import python
 from pyinfra.operations.util import any_changed
@@ -54,52 +62,73 @@ _roles: weakref.WeakKeyDictionary[State, dict[str, ShareRole]] = weakref.WeakKey
 _model_roles: weakref.WeakKeyDictionary[State, dict[str, dict[str, ShareRole]]] = (
     weakref.WeakKeyDictionary()
 )
+# Held by the host's greenlet that computes a fleet-wide value; reentrant (plans need the setup).
+_fleet_lock = gevent.lock.RLock()
+T = TypeVar("T")
+
+
+def each_host(hosts: Iterable[Host], read: Callable[[Host], T]) -> dict[str, T]:
+    """`read(host)` for every host at once, one greenlet each (not pyinfra's pool, which the
+    hosts' deploy greenlets may fill): a fleet-wide read costs one round trip, not one per host."""
+
+    def one(h: Host) -> T:
+        with ctx_host.use(h):  # the host context is per greenlet; the state is global
+            return read(h)
+
+    greenlets = {h.name: gevent.spawn(one, h) for h in hosts}
+    gevent.joinall(list(greenlets.values()), raise_error=True)
+    return {name: g.get() for name, g in greenlets.items()}
 
 
 def _gpu_facts(
     hosts: list[tuple[Any, HostConfig]],
 ) -> tuple[dict[str, list[Gpu]], dict[str, str]]:
     """nvidia-smi once per host and run; empty on a host without NVIDIA tools."""
-    return {h.name: h.get_fact(NvidiaGpus) for h, _ in hosts}, {}
+    return each_host((h for h, _ in hosts), lambda h: h.get_fact(NvidiaGpus)), {}
 
 
 def _account_facts(hosts: list[tuple[Any, HostConfig]]) -> dict[str, str | None]:
     """`getent passwd` of each host's service account (the tool's own, or absent)."""
-    return {h.name: h.get_fact(PasswdLine, user=config.service_user) for h, config in hosts}
+    users = {h.name: config.service_user for h, config in hosts}
+    return each_host((h for h, _ in hosts), lambda h: h.get_fact(PasswdLine, user=users[h.name]))
 
 
 def host_setup() -> HostSetup:
     """This host's validated config, plan and GPUs; the first host to ask sets up every host."""
-    if state not in _setups:
-        _setups[state] = host_setups(
-            state.inventory.get_active_hosts(), _gpu_facts, read_accounts=_account_facts
-        )
-        for warning in (w for setup in _setups[state].values() for w in setup.warnings):
-            logger.warning(f"warning: {warning}")
+    with _fleet_lock:
+        if state not in _setups:
+            _setups[state] = host_setups(
+                state.inventory.get_active_hosts(), _gpu_facts, read_accounts=_account_facts
+            )
+            for warning in (w for setup in _setups[state].values() for w in setup.warnings):
+                logger.warning(f"warning: {warning}")
     return _setups[state][host.name]
 
 
 def build_role() -> ShareRole:
     """This host's part in the fleet's builds; the first host to ask plans every host's.
 
-    Reads each active host's build directory once, and which builds the controller cache holds.
+    Reads each active host's build directory and release once, and which builds the controller
+    cache holds.
     """
-    if state not in _roles:
-        host_setup()
-        setups = _setups[state]
-        hosts = [h for h in state.inventory.get_active_hosts() if h.name in setups]
-        fleet = [
-            ShareHost(
-                h.name,
-                share_key(setups[h.name].config.build_id, h.get_fact(LinuxDistribution)),
-                h.get_fact(LlamaCppBuildInfo, build_dir=setups[h.name].config.build_dir)
-                is not None,
-                setups[h.name].config.builder,
-            )
-            for h in hosts
-        ]
-        cached = {b.key for b in fleet if is_cached(artifact_path(b.key))}
-        _roles[state] = plan_sharing(fleet, cached)
+    with _fleet_lock:
+        if state not in _roles:
+            host_setup()
+            setups = _setups[state]
+            hosts = [h for h in state.inventory.get_active_hosts() if h.name in setups]
+
+            def read(h: Host) -> ShareHost:
+                config = setups[h.name].config
+                return ShareHost(
+                    h.name,
+                    share_key(config.build_id, h.get_fact(LinuxDistribution)),
+                    h.get_fact(LlamaCppBuildInfo, build_dir=config.build_dir) is not None,
+                    config.builder,
+                )
+
+            fleet = list(each_host(hosts, read).values())
+            cached = {b.key for b in fleet if is_cached(artifact_path(b.key))}
+            _roles[state] = plan_sharing(fleet, cached)
     return _roles[state][host.name]
 
 
@@ -110,28 +139,36 @@ def model_roles() -> dict[str, ShareRole]:
     Models uploaded from the controller (`local_path`) are not shared: every host gets them
     from there anyway.
     """
-    if state not in _model_roles:
-        host_setup()
-        setups = _setups[state]
-        wanted: dict[str, list[ShareHost]] = {}
-        files: dict[str, str] = {}
-        for h in state.inventory.get_active_hosts():
-            if h.name not in setups:
-                continue
-            config = setups[h.name].config
-            for name, model in config.used_models().items():
-                if not model.url:
-                    continue
-                stamp = h.get_fact(ModelFileStamp, path=config.model_path(name))
-                holder = ShareHost(h.name, model.sha256, model_verified(stamp, model.sha256))
-                wanted.setdefault(model.sha256, []).append(holder)
-                files[model.sha256] = model.file
-        roles: dict[str, dict[str, ShareRole]] = {}
-        for sha, holders in wanted.items():
-            cached = {sha} if is_cached(model_artifact_path(sha, files[sha])) else set()
-            for name, role in plan_sharing(holders, cached).items():
-                roles.setdefault(name, {})[sha] = role
-        _model_roles[state] = roles
+    with _fleet_lock:
+        if state not in _model_roles:
+            host_setup()
+            setups = _setups[state]
+            hosts = [h for h in state.inventory.get_active_hosts() if h.name in setups]
+
+            def read(h: Host) -> list[ShareHost]:
+                config = setups[h.name].config
+                by_path = {config.model_path(n): m for n, m in config.used_models().items()}
+                return [
+                    ShareHost(
+                        h.name,
+                        model.sha256,
+                        model_verified(h.get_fact(ModelFileStamp, path=path), model.sha256),
+                    )
+                    for path, model in by_path.items()
+                    if model.url
+                ]
+
+            files = {m.sha256: m.file for s in setups.values() for m in s.config.models.values()}
+            wanted: dict[str, list[ShareHost]] = {}
+            for holders in each_host(hosts, read).values():
+                for holder in holders:
+                    wanted.setdefault(holder.key, []).append(holder)
+            roles: dict[str, dict[str, ShareRole]] = {}
+            for sha, holders in wanted.items():
+                cached = {sha} if is_cached(model_artifact_path(sha, files[sha])) else set()
+                for name, role in plan_sharing(holders, cached).items():
+                    roles.setdefault(name, {})[sha] = role
+            _model_roles[state] = roles
     return _model_roles[state].get(host.name, {})
 
 

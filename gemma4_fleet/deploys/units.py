@@ -27,6 +27,7 @@ from gemma4_fleet.host_checks import SERVICE_ACCOUNT_MARK
 from gemma4_fleet.pipeline import HostSetup
 from gemma4_fleet.render import (
     DRAIN_SCRIPT,
+    HOST_SCRIPTS_DIR,
     PRUNE_SCRIPT,
     SMOKE_SCRIPT,
     SMOKE_STATE_DIR,
@@ -73,12 +74,15 @@ def service_basics(config: HostConfig) -> list[OperationMeta]:
         create_home=False,
         comment=SERVICE_ACCOUNT_MARK,  # the pipeline refuses existing accounts without it
     )
+    # One directory check for all scripts, not one per file (a round trip each).
+    files.directory(name="Host scripts directory", path=HOST_SCRIPTS_DIR, mode="755")
     return [
         files.put(
             name=f"Host script {Path(dest).name}",
             src=str(package_files("gemma4_fleet") / "host_scripts" / Path(dest).name),
             dest=dest,
             mode="755",
+            create_remote_dir=False,
         )
         for dest in (SMOKE_SCRIPT, VERIFY_SCRIPT, PRUNE_SCRIPT, DRAIN_SCRIPT)
     ]
