@@ -83,6 +83,43 @@ class LlamaServerFlags(FactBase[set[str] | None]):
         return parse_help_flags("\n".join(output))
 
 
+class FileDigests(FactBase[dict[str, tuple[str, str]]]):
+    """Octal mode and sha256 of each regular file in `paths` that exists, in one round trip
+    (pyinfra's File + Sha256File take two per file)."""
+
+    def command(self, paths: list[str]) -> StringCommand:
+        return StringCommand(
+            "for",
+            "f",
+            "in",
+            *(QuoteString(p) for p in paths),
+            ";",
+            "do",
+            "[",
+            "-f",
+            '"$f"',
+            "]",
+            "&&",
+            "printf",
+            "'%s %s %s\\n'",
+            '"$(stat -c %a "$f")"',
+            '"$(sha256sum <"$f" | cut -d" " -f1)"',
+            '"$f"',
+            ";",
+            "done",
+            ";",
+            "true",
+        )
+
+    def process(self, output: list[str]) -> dict[str, tuple[str, str]]:
+        found = {}
+        for line in output:
+            parts = line.split(" ", 2)
+            if len(parts) == 3:
+                found[parts[2]] = (parts[0], parts[1])
+        return found
+
+
 class ModelFileStamp(FactBase[str | None]):
     """`<size> <mtime>` of a model file plus the stamp written when it was last verified."""
 

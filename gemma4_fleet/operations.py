@@ -25,8 +25,10 @@ from pyinfra.api.host import Host
 from pyinfra.api.util import get_template
 from pyinfra.facts.files import File, Sha256File
 
+from gemma4_fleet.common import sha256_file
 from gemma4_fleet.config import HostConfig, ModelFile
 from gemma4_fleet.facts import (
+    FileDigests,
     GitHead,
     LlamaCppBuildInfo,
     LlamaServerFlags,
@@ -565,18 +567,39 @@ def rendered_file(src: str, dest: str, mode: str = "644", **data: Any) -> Comman
     + mode: octal file mode
     """
     text = get_template(src, {"trim_blocks": True, "lstrip_blocks": True}).render(data)
-    info = host.get_fact(File, path=dest)
-    want = hashlib.sha256(text.encode()).hexdigest()
-    if (
-        info
-        and f"{info.get('mode')}" == mode.lstrip("0")
-        and host.get_fact(Sha256File, path=dest) == want
-    ):
+    want = (mode.lstrip("0"), hashlib.sha256(text.encode()).hexdigest())
+    if host.get_fact(FileDigests, paths=[dest]).get(dest) == want:
         host.noop(f"{dest} is up to date")
         return
+    yield from _place_atomically(StringIO(text), dest, mode)
+
+
+@operation()
+def shipped_files(files: dict[str, str], mode: str = "755") -> Commands:
+    """Place controller files on the host (dest -> local src), each atomically, checking all of
+    them in one round trip; only those whose content or mode differ are sent.
+
+    + files: host path -> path on the controller
+    + mode: octal file mode of every file
+    """
+    have = host.get_fact(FileDigests, paths=list(files))
+    stale = [
+        dest
+        for dest, src in files.items()
+        if have.get(dest) != (mode.lstrip("0"), sha256_file(Path(src)))
+    ]
+    if not stale:
+        host.noop(f"{len(files)} files up to date")
+        return
+    for dest in stale:
+        yield from _place_atomically(files[dest], dest, mode)
+
+
+def _place_atomically(src: str | StringIO, dest: str, mode: str) -> Commands:
+    """Upload next to `dest`, then chmod and rename: `dest` is the old file or the new one."""
     tmp = f"{dest}.g4f-new"
     yield StringCommand("mkdir", "-p", QuoteString(posixpath.dirname(dest)))
-    yield FileUploadCommand(StringIO(text), tmp)
+    yield FileUploadCommand(src, tmp)
     yield StringCommand(
         "chmod", mode, QuoteString(tmp), "&&", "mv", "-f", QuoteString(tmp), QuoteString(dest)
     )

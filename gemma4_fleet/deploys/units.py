@@ -74,17 +74,13 @@ def service_basics(config: HostConfig) -> list[OperationMeta]:
         create_home=False,
         comment=SERVICE_ACCOUNT_MARK,  # the pipeline refuses existing accounts without it
     )
-    # One directory check for all scripts, not one per file (a round trip each).
-    files.directory(name="Host scripts directory", path=HOST_SCRIPTS_DIR, mode="755")
+    scripts = package_files("gemma4_fleet") / "host_scripts"
+    shipped = (SMOKE_SCRIPT, VERIFY_SCRIPT, PRUNE_SCRIPT, DRAIN_SCRIPT)
     return [
-        files.put(
-            name=f"Host script {Path(dest).name}",
-            src=str(package_files("gemma4_fleet") / "host_scripts" / Path(dest).name),
-            dest=dest,
-            mode="755",
-            create_remote_dir=False,
+        g4f.shipped_files(
+            name=f"Host scripts in {HOST_SCRIPTS_DIR}",
+            files={dest: str(scripts / Path(dest).name) for dest in shipped},
         )
-        for dest in (SMOKE_SCRIPT, VERIFY_SCRIPT, PRUNE_SCRIPT, DRAIN_SCRIPT)
     ]
 
 

@@ -17,12 +17,18 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from pyinfra.api import FunctionCommand, StringCommand
+from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand
 from pyinfra.context import ctx_host, ctx_state
 
 from gemma4_fleet import operations as g4f
 from gemma4_fleet.config import ModelFile, parse_host_config
-from gemma4_fleet.facts import GitHead, LlamaCppBuildInfo, LlamaServerFlags, ModelFileStamp
+from gemma4_fleet.facts import (
+    FileDigests,
+    GitHead,
+    LlamaCppBuildInfo,
+    LlamaServerFlags,
+    ModelFileStamp,
+)
 from gemma4_fleet.host_scripts.prune import MARKER
 from gemma4_fleet.progress import ProgressCommand
 from gemma4_fleet.render import PRUNE_SCRIPT, VERIFY_SCRIPT
@@ -44,14 +50,19 @@ class RecordedHost:
         self.noops: list[str] = []
 
     def get_fact(self, fact: type, **kwargs: Any) -> Any:
-        return self.facts[(fact, tuple(sorted(kwargs.items())))]
+        return self.facts[(fact, _key(kwargs))]
 
     def noop(self, description: str) -> None:
         self.noops.append(description)
 
 
 def fact(cls: type, value: Any, **kwargs: Any) -> dict[tuple[type, tuple[Any, ...]], Any]:
-    return {(cls, tuple(sorted(kwargs.items()))): value}
+    return {(cls, _key(kwargs)): value}
+
+
+def _key(kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """Fact arguments as a dict key (a list of paths becomes a tuple)."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()))
 
 
 def run_op(op: Any, host: RecordedHost, *, executing: bool = False, **kwargs: Any) -> list[Any]:
@@ -218,3 +229,48 @@ def test_model_file_is_verified_before_it_is_moved_into_place(tmp_path: Path) ->
     done = _shell(script)
     assert done.returncode == 1 and "sha256 mismatch" in done.stderr
     assert dest.read_bytes() == b"GGUF good" and not Path(f"{dest}.partial").exists()
+
+
+def test_shipped_files_are_checked_in_one_read_and_only_stale_ones_are_placed(
+    tmp_path: Path,
+) -> None:
+    src = {name: tmp_path / name for name in ("a.py", "b.py", "c.py")}
+    for name, path in src.items():
+        path.write_text(f"# {name}\n")
+    files = {f"/usr/local/lib/x y/{name}": str(path) for name, path in src.items()}
+    digest = {dest: hashlib.sha256(Path(s).read_bytes()).hexdigest() for dest, s in files.items()}
+    a, b, c = files
+    have = {a: ("755", digest[a]), b: ("644", digest[b])}  # b: mode drifted; c: missing
+    host = RecordedHost(fact(FileDigests, have, paths=list(files)))
+    commands = run_op(g4f.shipped_files, host, files=files)
+    uploads = [cmd for cmd in commands if isinstance(cmd, FileUploadCommand)]
+    assert [(u.src, u.dest) for u in uploads] == [
+        (files[b], f"{b}.g4f-new"),
+        (files[c], f"{c}.g4f-new"),
+    ]
+    assert words(commands[-1]) == [
+        "chmod",
+        "755",
+        f"{c}.g4f-new",
+        "&&",
+        "mv",
+        "-f",
+        f"{c}.g4f-new",
+        c,
+    ]
+    fresh = {dest: ("755", digest[dest]) for dest in files}
+    same = RecordedHost(fact(FileDigests, fresh, paths=list(files)))
+    assert run_op(g4f.shipped_files, same, files=files) == []
+    assert same.noops == ["3 files up to date"]
+
+
+def test_file_digests_reads_mode_and_sha256_of_existing_files(tmp_path: Path) -> None:
+    there = tmp_path / "it's here"
+    there.write_bytes(b"unit text")
+    there.chmod(0o640)
+    command = FileDigests().command(paths=[str(there), str(tmp_path / "gone")])
+    done = _shell(command)
+    assert done.returncode == 0, done.stderr
+    assert FileDigests().process(done.stdout.splitlines()) == {
+        str(there): ("640", hashlib.sha256(b"unit text").hexdigest())
+    }
