@@ -274,3 +274,5 @@ def test_file_digests_reads_mode_and_sha256_of_existing_files(tmp_path: Path) ->
     assert FileDigests().process(done.stdout.splitlines()) == {
         str(there): ("640", hashlib.sha256(b"unit text").hexdigest())
     }
+    # nothing printed (none of them exists): pyinfra gives the fact's default
+    assert FileDigests.default() == {}
