@@ -54,7 +54,11 @@ class Run:
     seconds: float
     returncode: int
     changed: dict[str, int] = field(default_factory=dict)
-    tail: str = ""
+    output: str = ""
+
+    @property
+    def tail(self) -> str:
+        return self.output[-3000:]
 
     def count(self, pattern: str) -> int:
         """Hosts changed by the operations whose name matches `pattern` (a regex)."""
@@ -73,7 +77,7 @@ def pyinfra(inventory: str, deploy: str, *args: str, env: dict[str, str]) -> Run
     )
     seconds = time.monotonic() - began
     output = result.stdout + result.stderr
-    return Run(seconds, result.returncode, changed_ops(results_table(output)), output[-3000:])
+    return Run(seconds, result.returncode, changed_ops(results_table(output)), output)
 
 
 def write_inventory(fleet: Fleet, path: Path, ccache: str) -> dict[str, Any]:

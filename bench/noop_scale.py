@@ -14,40 +14,28 @@ Run as root from the repository root, with no other fleet on the same name.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.converge import pyinfra, write_inventory  # noqa: E402
 from gemma4_fleet.testfleet.hosts import Fleet  # noqa: E402
-from gemma4_fleet.testfleet.inventory import demo_data  # noqa: E402
 
-PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
+ENV = {"G4F_PROGRESS_INTERVAL": "600"}
 
 
-def converge(inventory: Path, env: dict[str, str], *args: str) -> tuple[float, str]:
-    start = time.monotonic()
-    done = subprocess.run(
-        [PYINFRA, "-y", *args, str(inventory), "deploys/gemma4_mtp.py"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        check=False,
-    )
-    seconds = time.monotonic() - start
-    output = done.stdout + done.stderr
-    if done.returncode:
-        raise SystemExit(f"pyinfra {' '.join(args)} failed:\n{output[-3000:]}")
-    return seconds, output
+def converge(inventory: Path, *args: str) -> tuple[float, str]:
+    """One timed `pyinfra -y` of the demo job; (seconds, output), or exit with its tail."""
+    run = pyinfra(str(inventory), "deploys/gemma4_mtp.py", *args, env=ENV)
+    if run.returncode:
+        raise SystemExit(f"pyinfra {' '.join(args)} failed:\n{run.tail}")
+    return run.seconds, run.output
 
 
 def main() -> None:
@@ -64,21 +52,16 @@ def main() -> None:
         print(f"booted {args.hosts} hosts in {time.monotonic() - boot:.1f} s", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             inventory = Path(tmp) / "inventory.py"
-            data = demo_data(fleet.mirror_url, fleet.mirror_commit)
-            hosts: list[tuple[str, dict[str, Any]]] = [
-                (name, {**ssh, **data}) for name, ssh in fleet.inventory()
-            ]
-            inventory.write_text(f"hosts = {hosts!r}\n")
-            env = {"G4F_PROGRESS_INTERVAL": "600"}
-            first, _ = converge(inventory, env)
+            write_inventory(fleet, inventory, "shared")
+            first, _ = converge(inventory)
             print(f"first converge of {args.hosts} hosts: {first:.1f} s", flush=True)
             one_host = ["--limit", next(iter(fleet.hosts))]
             one: list[float] = []
             all_: list[float] = []
             for _ in range(args.runs):
-                one.append(converge(inventory, env, *one_host)[0])
-                all_.append(converge(inventory, env)[0])
-            _, debug = converge(inventory, env, "--debug")
+                one.append(converge(inventory, *one_host)[0])
+                all_.append(converge(inventory)[0])
+            _, debug = converge(inventory, "--debug")
     finally:
         fleet.down()
     commands = {
