@@ -214,8 +214,10 @@ class _RangeHandler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        # Counted before the write: the client may read the last byte and check the count
+        # before this thread runs again.
         self.server.bytes_sent += len(body)
+        self.wfile.write(body)
 
 
 @pytest.fixture
