@@ -605,6 +605,11 @@ class HostConfig(_Model):
         used = {ref for inst in self.instances for ref in (inst.target, inst.drafter) if ref}
         return {name: model for name, model in self.models.items() if name in used}
 
+    def placed_models(self) -> dict[str, ModelFile]:
+        """Each file the instances use, by its path on the host (a target used as its own
+        drafter is one file)."""
+        return {self.model_path(name): model for name, model in self.used_models().items()}
+
     @property
     def build_id(self) -> str:
         """Commit + the options that change the binary: a new id means a new install directory."""

@@ -146,15 +146,13 @@ def model_roles() -> dict[str, ShareRole]:
             hosts = [h for h in state.inventory.get_active_hosts() if h.name in setups]
 
             def read(h: Host) -> list[ShareHost]:
-                config = setups[h.name].config
-                by_path = {config.model_path(n): m for n, m in config.used_models().items()}
                 return [
                     ShareHost(
                         h.name,
                         model.sha256,
                         model_verified(h.get_fact(ModelFileStamp, path=path), model.sha256),
                     )
-                    for path, model in by_path.items()
+                    for path, model in setups[h.name].config.placed_models().items()
                     if model.url
                 ]
 

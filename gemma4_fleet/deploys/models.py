@@ -22,11 +22,12 @@ def models(config: HostConfig, roles: Mapping[str, ShareRole]) -> list[Operation
     every operation, so the download and the copy run before the placing on the other hosts.
     """
     files.directory(name="Models directory", path=config.models_dir, mode="755")
-    by_path = {config.model_path(name): model for name, model in config.used_models().items()}
     placed = []
-    for path, model in by_path.items():
-        role = roles.get(model.sha256)
-        artifact = str(model_artifact_path(model.sha256, model.file))
+    shared = [
+        (path, model, roles.get(model.sha256), str(model_artifact_path(model.sha256, model.file)))
+        for path, model in config.placed_models().items()
+    ]
+    for path, model, role, artifact in shared:
         placed.append(g4f.model_file(name=f"Model {model.file}", dest=path, model=model, role=role))
         g4f.publish_model(
             name=f"Copy {model.file} into the controller cache",
@@ -35,14 +36,14 @@ def models(config: HostConfig, roles: Mapping[str, ShareRole]) -> list[Operation
             role=role,
             artifact=artifact,
         )
-    for path, model in by_path.items():
+    for path, model, role, artifact in shared:
         placed.append(
             g4f.install_model(
                 name=f"{model.file} from the controller cache",
                 dest=path,
                 model=model,
-                role=roles.get(model.sha256),
-                artifact=str(model_artifact_path(model.sha256, model.file)),
+                role=role,
+                artifact=artifact,
             )
         )
     return placed
