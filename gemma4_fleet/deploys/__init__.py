@@ -80,6 +80,13 @@ def each_host(hosts: Iterable[Host], read: Callable[[Host], T]) -> dict[str, T]:
     return {name: g.get() for name, g in greenlets.items()}
 
 
+def _planned_hosts(setups: dict[str, HostSetup]) -> list[Host]:
+    """The active hosts with a setup, in inventory order: the share plans break ties by it
+    (pyinfra keeps its active hosts in a set)."""
+    active = set(state.inventory.get_active_hosts())
+    return [h for h in state.inventory if h in active and h.name in setups]
+
+
 def _gpu_facts(
     hosts: list[tuple[Any, HostConfig]],
 ) -> tuple[dict[str, list[Gpu]], dict[str, str]]:
@@ -115,7 +122,7 @@ def build_role() -> ShareRole:
         if state not in _roles:
             host_setup()
             setups = _setups[state]
-            hosts = [h for h in state.inventory.get_active_hosts() if h.name in setups]
+            hosts = _planned_hosts(setups)
 
             def read(h: Host) -> ShareHost:
                 config = setups[h.name].config
@@ -143,7 +150,7 @@ def model_roles() -> dict[str, ShareRole]:
         if state not in _model_roles:
             host_setup()
             setups = _setups[state]
-            hosts = [h for h in state.inventory.get_active_hosts() if h.name in setups]
+            hosts = _planned_hosts(setups)
 
             def read(h: Host) -> list[ShareHost]:
                 return [
