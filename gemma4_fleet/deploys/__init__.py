@@ -24,8 +24,8 @@ from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import python
 from pyinfra.operations.util import any_changed
 
-from gemma4_fleet import connection
 from gemma4_fleet import operations as g4f
+from gemma4_fleet import pyinfra_patches
 from gemma4_fleet.config import HostConfig, server_unit
 from gemma4_fleet.deploys.build import llama_cpp, toolchain
 from gemma4_fleet.deploys.gpu_services import gpu_services, pin_gpu_service
@@ -55,7 +55,7 @@ from gemma4_fleet.pipeline import FleetConfigError, HostSetup, host_setups
 
 __all__ = ["build_role", "gemma4_mtp", "host_setup", "model_roles", "redeploy_unit"]
 
-connection.install()  # a host lost mid-run fails alone
+pyinfra_patches.install()  # lost hosts fail alone; no send delay; faster op order
 
 _setups: weakref.WeakKeyDictionary[State, dict[str, HostSetup]] = weakref.WeakKeyDictionary()
 _roles: weakref.WeakKeyDictionary[State, dict[str, ShareRole]] = weakref.WeakKeyDictionary()
