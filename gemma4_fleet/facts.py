@@ -274,6 +274,24 @@ class PasswdLine(FactBase[str | None]):
         return _single(output)
 
 
+class ServiceAccount(FactBase[tuple[str | None, str | None]]):
+    """`getent passwd NAME` and `getent group NAME` in one round trip: (passwd line, group line),
+    each None if absent."""
+
+    def command(self, user: str) -> StringCommand:
+        name = QuoteString(user)
+        return StringCommand(
+            *("{", "getent", "passwd", "--", name, "||", "echo", _MISSING, ";", "}", ";"),
+            *("{", "getent", "group", "--", name, "||", "echo", _MISSING, ";", "}"),
+        )
+
+    def process(self, output: list[str]) -> tuple[str | None, str | None]:
+        if len(output) != 2:
+            raise FactProcessError(f"expected a passwd and a group line, got {output!r}")
+        passwd, group = (_single([line]) for line in output)
+        return passwd, group
+
+
 @dataclass(frozen=True)
 class InstanceState:
     """A llama-server instance as it runs now, read without changing anything."""

@@ -33,6 +33,7 @@ from gemma4_fleet.facts import (
     LlamaCppBuildInfo,
     LlamaServerFlags,
     ModelFileStamp,
+    ServiceAccount,
     model_verified,
 )
 from gemma4_fleet.fleet_share import (
@@ -43,6 +44,7 @@ from gemma4_fleet.fleet_share import (
     is_cached,
     store_artifact,
 )
+from gemma4_fleet.host_checks import parse_passwd
 from gemma4_fleet.host_scripts.prune import MARKER as OWNED_MARKER
 from gemma4_fleet.progress import curl_progress, ninja_progress, with_progress
 from gemma4_fleet.render import DRAIN_SCRIPT, PRUNE_SCRIPT, VERIFY_SCRIPT
@@ -572,6 +574,42 @@ def rendered_file(src: str, dest: str, mode: str = "644", **data: Any) -> Comman
         host.noop(f"{dest} is up to date")
         return
     yield from _place_atomically(StringIO(text), dest, mode)
+
+
+@operation()
+def service_account(user: str, comment: str, home: str, shell: str) -> Commands:
+    """A system account and its own group, created or corrected, read in one round trip
+    (pyinfra's server.user and server.group read every account on the host: ~8 commands).
+
+    + user: account and group name
+    + comment: GECOS (the mark that the account is the tool's)
+    + home: home directory (not created)
+    + shell: login shell
+    """
+    passwd, group_line = host.get_fact(ServiceAccount, user=user)
+    name = QuoteString(user)
+    if group_line is None:
+        yield StringCommand("groupadd", "--system", name)
+    entry = parse_passwd(passwd) if passwd else None
+    if entry is None:
+        yield StringCommand(
+            *("useradd", "--system", "--no-create-home", "--gid", name),
+            *("--home-dir", QuoteString(home), "--shell", QuoteString(shell)),
+            *("--comment", QuoteString(comment), name),
+        )
+        return
+    wanted = {"home": home, "shell": shell, "comment": comment}
+    have = {"home": entry.home, "shell": entry.shell, "comment": entry.gecos}
+    changes = [
+        word for key in wanted if have[key] != wanted[key] for word in (f"--{key}", wanted[key])
+    ]
+    gid = group_line.split(":")[2] if group_line else None
+    if str(entry.gid) != gid:
+        changes += ["--gid", user]
+    if changes:
+        yield StringCommand("usermod", *(QuoteString(word) for word in changes), name)
+    elif group_line is not None:
+        host.noop(f"account {user} is up to date")
 
 
 @operation()

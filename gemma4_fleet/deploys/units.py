@@ -15,7 +15,7 @@ from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.server import Groups
-from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations import apt, files, systemd
 from pyinfra.operations.util import any_changed
 
 from gemma4_fleet import operations as g4f
@@ -63,16 +63,12 @@ def service_basics(config: HostConfig) -> list[OperationMeta]:
         apt.packages(
             name=f"Install {' '.join(missing)}", packages=missing, update=True, no_recommends=True
         )
-    server.group(name="Service group", group=config.service_user, system=True)
-    server.user(
-        name="Service user",
+    g4f.service_account(
+        name="Service user and group",
         user=config.service_user,
-        group=config.service_user,
-        system=True,
+        comment=SERVICE_ACCOUNT_MARK,  # the pipeline refuses existing accounts without it
         home="/nonexistent",
         shell="/usr/sbin/nologin",
-        create_home=False,
-        comment=SERVICE_ACCOUNT_MARK,  # the pipeline refuses existing accounts without it
     )
     scripts = package_files("gemma4_fleet") / "host_scripts"
     shipped = (SMOKE_SCRIPT, VERIFY_SCRIPT, PRUNE_SCRIPT, DRAIN_SCRIPT)

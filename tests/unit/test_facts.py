@@ -86,3 +86,23 @@ def test_detected_architectures_are_part_of_the_build_id() -> None:
         "box1", host_data(llamacpp_build={"cuda": True, "cuda_architectures": [120]})
     )
     assert with_gpu_architectures(pinned, parse_nvidia_smi(TWO_GPUS)).build_id == pinned.build_id
+
+
+def test_service_account_reads_both_lines_in_one_command_run_by_a_real_shell() -> None:
+    import subprocess
+
+    from gemma4_fleet.facts import ServiceAccount
+
+    fact = ServiceAccount()
+    # root exists on every machine; the second name nowhere. Run as the host's sh runs it.
+    for user, want_passwd in (("root", True), ("g4f-no-such-user", False)):
+        command = fact.command(user=user).get_raw_value()
+        output = subprocess.run(
+            ["sh", "-c", command], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+        passwd, group = fact.process(output)
+        assert (passwd is not None) is want_passwd and (group is not None) is want_passwd
+        if want_passwd:
+            assert passwd.startswith("root:x:0:0:") and group.startswith("root:x:0:")
+    with pytest.raises(FactProcessError):
+        fact.process(["only one line"])

@@ -276,3 +276,57 @@ def test_file_digests_reads_mode_and_sha256_of_existing_files(tmp_path: Path) ->
     }
     # nothing printed (none of them exists): pyinfra gives the fact's default
     assert FileDigests.default() == {}
+
+
+ACCOUNT = {
+    "user": "llama",
+    "comment": "gemma4-fleet service account",
+    "home": "/nonexistent",
+    "shell": "/usr/sbin/nologin",
+}
+
+
+def account(passwd: str | None, group: str | None) -> RecordedHost:
+    from gemma4_fleet.facts import ServiceAccount
+
+    return RecordedHost(fact(ServiceAccount, (passwd, group), user="llama"))
+
+
+def test_service_account_is_created_with_its_group_when_absent() -> None:
+    commands = [words(c) for c in run_op(g4f.service_account, account(None, None), **ACCOUNT)]
+    assert commands == [
+        ["groupadd", "--system", "llama"],
+        [
+            *("useradd", "--system", "--no-create-home", "--gid", "llama"),
+            *("--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin"),
+            *("--comment", "gemma4-fleet service account", "llama"),
+        ],
+    ]
+
+
+def test_service_account_up_to_date_yields_nothing() -> None:
+    host = account(
+        "llama:x:999:998:gemma4-fleet service account:/nonexistent:/usr/sbin/nologin",
+        "llama:x:998:",
+    )
+    assert run_op(g4f.service_account, host, **ACCOUNT) == []
+    assert host.noops == ["account llama is up to date"]
+
+
+def test_service_account_corrects_only_what_differs_each_value_one_word() -> None:
+    hostile = {**ACCOUNT, "shell": HOSTILE_PATH}
+    host = account(
+        "llama:x:999:100:gemma4-fleet service account:/nonexistent:/bin/sh",
+        "llama:x:998:",
+    )
+    [command] = run_op(g4f.service_account, host, **hostile)
+    assert words(command) == ["usermod", "--shell", HOSTILE_PATH, "--gid", "llama", "llama"]
+    host = account("llama:x:999:998:old:/home/llama:/usr/sbin/nologin", None)
+    commands = [words(c) for c in run_op(g4f.service_account, host, **ACCOUNT)]
+    assert commands == [
+        ["groupadd", "--system", "llama"],
+        [
+            *("usermod", "--home", "/nonexistent", "--comment", "gemma4-fleet service account"),
+            *("--gid", "llama", "llama"),
+        ],
+    ]
