@@ -92,36 +92,24 @@ class FileDigests(FactBase[dict[str, tuple[str, str]]]):
         return {}
 
     def command(self, paths: list[str]) -> StringCommand:
+        # The existing ones become "$@"; then one stat and one sha256sum for all of them.
         return StringCommand(
-            "for",
-            "f",
-            "in",
-            *(QuoteString(p) for p in paths),
-            ";",
-            "do",
-            "[",
-            "-f",
-            '"$f"',
-            "]",
-            "&&",
-            "printf",
-            "'%s %s %s\\n'",
-            '"$(stat -c %a "$f")"',
-            '"$(sha256sum <"$f" | cut -d" " -f1)"',
-            '"$f"',
-            ";",
-            "done",
-            ";",
-            "true",
+            *("set", "--;", "for", "f", "in", *(QuoteString(p) for p in paths), ";", "do"),
+            *("[", "-f", '"$f"', "]", "&&", "set", "--", '"$@"', '"$f";', "done;"),
+            *("[", '"$#"', "-eq", "0", "]", "||", "{", "stat", "-c", "'mode %a %n'", "--"),
+            *('"$@"', "&&", "sha256sum", "--", '"$@";', "};", "true"),
         )
 
     def process(self, output: list[str]) -> dict[str, tuple[str, str]]:
-        found = {}
+        modes: dict[str, str] = {}
+        digests: dict[str, str] = {}
         for line in output:
-            parts = line.split(" ", 2)
-            if len(parts) == 3:
-                found[parts[2]] = (parts[0], parts[1])
-        return found
+            if line.startswith("mode "):
+                _, mode, path = line.split(" ", 2)
+                modes[path] = mode
+            elif re.fullmatch(r"[0-9a-f]{64}  .+", line):  # "\" first: an escaped name, unread
+                digests[line[66:]] = line[:64]
+        return {path: (modes[path], digest) for path, digest in digests.items() if path in modes}
 
 
 class ModelFileStamp(FactBase[str | None]):
@@ -239,6 +227,36 @@ class SystemdVersion(FactBase[int]):
         if not match:
             raise FactProcessError(f"unexpected systemctl --version: {output!r}")
         return int(match.group(1))
+
+
+@dataclass(frozen=True)
+class UnitState:
+    """Whether a unit runs (or, for a timer, waits) and starts at boot."""
+
+    running: bool
+    enabled: bool
+
+
+class SystemdUnitState(FactBase[UnitState]):
+    """One unit's SubState and UnitFileState in one `systemctl show` (pyinfra's systemd.service
+    reads each with its own command)."""
+
+    # pyinfra's SystemdStatus and SystemdEnabled count these as running and enabled
+    RUNNING = ("running", "waiting", "exited", "listening", "mounted")
+    ENABLED = ("enabled", "static")
+
+    def command(self, unit: str) -> StringCommand:
+        return StringCommand(
+            "systemctl", "show", "--property", "SubState,UnitFileState", "--", QuoteString(unit)
+        )
+
+    def process(self, output: list[str]) -> UnitState:
+        values = dict(line.partition("=")[::2] for line in output)
+        if "SubState" not in values:
+            raise FactProcessError(f"unexpected systemctl show output: {output!r}")
+        return UnitState(
+            values["SubState"] in self.RUNNING, values.get("UnitFileState", "") in self.ENABLED
+        )
 
 
 class SystemdUnitExists(FactBase[bool]):

@@ -34,6 +34,7 @@ from gemma4_fleet.facts import (
     LlamaServerFlags,
     ModelFileStamp,
     ServiceAccount,
+    SystemdUnitState,
     model_verified,
 )
 from gemma4_fleet.fleet_share import (
@@ -610,6 +611,22 @@ def service_account(user: str, comment: str, home: str, shell: str) -> Commands:
         yield StringCommand("usermod", *(QuoteString(word) for word in changes), name)
     elif group_line is not None:
         host.noop(f"account {user} is up to date")
+
+
+@operation()
+def unit_running(unit: str) -> Commands:
+    """Start a unit that is not running and enable one that is not enabled, reading both in
+    one round trip (pyinfra's systemd.service takes two).
+
+    + unit: full unit name ("x.service", "x.timer")
+    """
+    now = host.get_fact(SystemdUnitState, unit=unit)
+    if not now.running:
+        yield StringCommand("systemctl", "start", "--", QuoteString(unit))
+    if not now.enabled:
+        yield StringCommand("systemctl", "enable", "--", QuoteString(unit))
+    if now.running and now.enabled:
+        host.noop(f"{unit} is running and enabled")
 
 
 @operation()

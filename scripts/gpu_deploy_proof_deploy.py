@@ -28,7 +28,7 @@ from gemma4_fleet.render import flag_names, server_argv
 
 setup = host_setup()
 config, plan = setup.config, setup.plan
-llama_cpp(config, build_role())
+llama_cpp(config, *build_role())
 models(config, model_roles())
 
 dump: dict[str, object] = {

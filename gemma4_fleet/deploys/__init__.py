@@ -24,8 +24,8 @@ from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import python
 from pyinfra.operations.util import any_changed
 
+from gemma4_fleet import fact_batch, pyinfra_patches
 from gemma4_fleet import operations as g4f
-from gemma4_fleet import pyinfra_patches
 from gemma4_fleet.config import HostConfig, server_unit
 from gemma4_fleet.deploys.build import llama_cpp, toolchain
 from gemma4_fleet.deploys.gpu_services import gpu_services, pin_gpu_service
@@ -56,9 +56,12 @@ from gemma4_fleet.pipeline import FleetConfigError, HostSetup, host_setups
 __all__ = ["build_role", "gemma4_mtp", "host_setup", "model_roles", "redeploy_unit"]
 
 pyinfra_patches.install()  # lost hosts fail alone; no send delay; faster op order
+fact_batch.install()  # last run's fact reads in one round trip per host
 
 _setups: weakref.WeakKeyDictionary[State, dict[str, HostSetup]] = weakref.WeakKeyDictionary()
-_roles: weakref.WeakKeyDictionary[State, dict[str, ShareRole]] = weakref.WeakKeyDictionary()
+_roles: weakref.WeakKeyDictionary[State, dict[str, tuple[ShareRole, str]]] = (
+    weakref.WeakKeyDictionary()
+)
 _model_roles: weakref.WeakKeyDictionary[State, dict[str, dict[str, ShareRole]]] = (
     weakref.WeakKeyDictionary()
 )
@@ -104,6 +107,8 @@ def host_setup() -> HostSetup:
     """This host's validated config, plan and GPUs; the first host to ask sets up every host."""
     with _fleet_lock:
         if state not in _setups:
+            deploy = state.current_deploy_filename or "deploy"
+            each_host(state.inventory.get_active_hosts(), lambda h: fact_batch.prefetch(h, deploy))
             _setups[state] = host_setups(
                 state.inventory.get_active_hosts(), _gpu_facts, read_accounts=_account_facts
             )
@@ -112,8 +117,9 @@ def host_setup() -> HostSetup:
     return _setups[state][host.name]
 
 
-def build_role() -> ShareRole:
-    """This host's part in the fleet's builds; the first host to ask plans every host's.
+def build_role() -> tuple[ShareRole, str]:
+    """This host's part in the fleet's builds, and the build's artifact path in the controller
+    cache; the first host to ask plans every host's.
 
     Reads each active host's build directory and release once, and which builds the controller
     cache holds.
@@ -133,9 +139,12 @@ def build_role() -> ShareRole:
                     config.builder,
                 )
 
-            fleet = list(each_host(hosts, read).values())
-            cached = {b.key for b in fleet if is_cached(artifact_path(b.key))}
-            _roles[state] = plan_sharing(fleet, cached)
+            fleet = each_host(hosts, read)
+            cached = {b.key for b in fleet.values() if is_cached(artifact_path(b.key))}
+            roles = plan_sharing(list(fleet.values()), cached)
+            _roles[state] = {
+                name: (role, str(artifact_path(fleet[name].key))) for name, role in roles.items()
+            }
     return _roles[state][host.name]
 
 
@@ -184,7 +193,7 @@ def gemma4_mtp() -> None:
     setup = host_setup()
     config = setup.config
     toolchain(config, setup.gpus)
-    built = llama_cpp(config, build_role())
+    built = llama_cpp(config, *build_role())
     placed = models(config, model_roles())
     gpu_devices(setup)
     # Before the new units start: a removed instance may hold the port a new one wants.

@@ -5,14 +5,13 @@ from __future__ import annotations
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
-from pyinfra.facts.deb import DebPackages
-from pyinfra.facts.server import LinuxDistribution
-from pyinfra.operations import apt, files
+from pyinfra.operations import files
 
 from gemma4_fleet import operations as g4f
 from gemma4_fleet.config import HostConfig
+from gemma4_fleet.deploys.packages import install_missing
 from gemma4_fleet.facts import CudaToolkit, Gpu, LlamaCppBuildInfo
-from gemma4_fleet.fleet_share import ShareRole, artifact_path, share_key
+from gemma4_fleet.fleet_share import ShareRole
 
 BUILD_PACKAGES = [
     "cmake",
@@ -37,13 +36,9 @@ def toolchain(config: HostConfig, gpus: list[Gpu]) -> None:
     distribution only when `llamacpp_build.install_cuda_toolkit` says so. The driver is never
     touched.
     """
-    installed = host.get_fact(DebPackages)
-    wanted = BUILD_PACKAGES + (CUDA_TOOLKIT_PACKAGES if config.build.install_cuda_toolkit else [])
-    missing = [name for name in wanted if name not in installed]
-    if missing:
-        apt.packages(
-            name=f"Install {' '.join(missing)}", packages=missing, update=True, no_recommends=True
-        )
+    install_missing(
+        BUILD_PACKAGES + (CUDA_TOOLKIT_PACKAGES if config.build.install_cuda_toolkit else [])
+    )
     if not config.build.cuda:
         return
     if not gpus:
@@ -65,7 +60,7 @@ def toolchain(config: HostConfig, gpus: list[Gpu]) -> None:
 
 
 @deploy("llama.cpp build")
-def llama_cpp(config: HostConfig, role: ShareRole) -> list[OperationMeta]:
+def llama_cpp(config: HostConfig, role: ShareRole, artifact: str) -> list[OperationMeta]:
     """Check out the pinned commit and build it into builds/<commit-options>, once per fleet.
 
     Nothing is fetched or built when that build directory is already complete. Otherwise one
@@ -93,7 +88,6 @@ def llama_cpp(config: HostConfig, role: ShareRole) -> list[OperationMeta]:
         commit=config.llamacpp.commit,
         _if=missing,
     )
-    artifact = str(artifact_path(share_key(config.build_id, host.get_fact(LinuxDistribution))))
     built = g4f.build(name=f"Build llama.cpp {config.build_id}", config=config, role=role)
     g4f.publish_build(
         name=f"Pack llama.cpp {config.build_id} into the controller cache",

@@ -13,13 +13,13 @@ from typing import Any
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
-from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.server import Groups
-from pyinfra.operations import apt, files, systemd
+from pyinfra.operations import files, systemd
 from pyinfra.operations.util import any_changed
 
 from gemma4_fleet import operations as g4f
 from gemma4_fleet.config import HostConfig, Instance
+from gemma4_fleet.deploys.packages import install_missing
 from gemma4_fleet.deploys.reporting import report_dir
 from gemma4_fleet.facts import SystemdVersion, UnverifiedUnits
 from gemma4_fleet.gpu_devices import needs_uvm
@@ -58,11 +58,7 @@ def template_path(name: str) -> str:
 def service_basics(config: HostConfig) -> list[OperationMeta]:
     """The service user, the host scripts (smoke check, verify, prune, drain) and the smoke
     check's library the units rely on (no apt update when it is there: hosts may be offline)."""
-    missing = [name for name in SMOKE_PACKAGES if name not in host.get_fact(DebPackages)]
-    if missing:
-        apt.packages(
-            name=f"Install {' '.join(missing)}", packages=missing, update=True, no_recommends=True
-        )
+    install_missing(SMOKE_PACKAGES)
     g4f.service_account(
         name="Service user and group",
         user=config.service_user,
@@ -110,6 +106,7 @@ def instance_unit(
         flags=flag_names(argv),
     )
     chat_template = chat_template_file(inst)
+    host_groups = host.get_fact(Groups)
     unit = g4f.rendered_file(
         name=f"Unit {inst.unit}",
         src=template_path("llama-server.service.j2"),
@@ -119,7 +116,7 @@ def instance_unit(
             inst,
             argv,
             uuid,
-            groups=[g for g in ("video", "render") if g in host.get_fact(Groups)],
+            groups=[g for g in ("video", "render") if g in host_groups],
             restart_backoff=host.get_fact(SystemdVersion) >= 254,
             uvm=needs_uvm(setup),
         ),
@@ -138,16 +135,10 @@ def instance_unit(
         _if=lambda: bool(unverified) or bool(any_changed(unit, *smoke)()),
     )
     if smoke:
-        systemd.service(
-            name=f"{inst.smoke_timer} enabled", service=inst.smoke_timer, running=True, enabled=True
-        )
+        g4f.unit_running(name=f"{inst.smoke_timer} enabled", unit=inst.smoke_timer)
     # Errors here are judged (and rolled back) by the verification below.
-    started = systemd.service(
-        name=f"{inst.unit} enabled and running",
-        service=inst.unit,
-        running=True,
-        enabled=True,
-        _ignore_errors=True,
+    started = g4f.unit_running(
+        name=f"{inst.unit} enabled and running", unit=inst.unit, _ignore_errors=True
     )
 
     def restart_due() -> bool:

@@ -60,6 +60,12 @@ def test_second_run_changes_nothing(fleet: Fleet, deployed: PyinfraRun) -> None:
     assert again.results
     assert again.changed() == {}, again.changed()
     assert {name: (mtimes(fleet, name), unit_state(fleet, name)) for name in fleet.hosts} == before
+    # The no-op after it reads every fact in one SSH command per host (gemma4_fleet.fact_batch:
+    # the facts this run asked before anything changed), and still changes nothing.
+    flat = run_pyinfra("deploys/gemma4_mtp.py", "--debug")
+    assert flat.returncode == 0 and flat.changed() == {}, flat.output[-3000:]
+    commands = {n: flat.output.count(f"Running command on {n}:") for n in fleet.hosts}
+    assert commands == {name: 1 for name in fleet.hosts}, commands
 
 
 @pytest.mark.usefixtures("demo_restored")

@@ -268,12 +268,17 @@ def test_file_digests_reads_mode_and_sha256_of_existing_files(tmp_path: Path) ->
     there = tmp_path / "it's here"
     there.write_bytes(b"unit text")
     there.chmod(0o640)
-    command = FileDigests().command(paths=[str(there), str(tmp_path / "gone")])
+    script = tmp_path / "a script; $(id)"
+    script.write_bytes(b"#!/bin/sh\n")
+    script.chmod(0o755)
+    command = FileDigests().command(paths=[str(there), str(tmp_path / "gone"), str(script)])
     done = _shell(command)
     assert done.returncode == 0, done.stderr
     assert FileDigests().process(done.stdout.splitlines()) == {
-        str(there): ("640", hashlib.sha256(b"unit text").hexdigest())
+        str(there): ("640", hashlib.sha256(b"unit text").hexdigest()),
+        str(script): ("755", hashlib.sha256(b"#!/bin/sh\n").hexdigest()),
     }
+    assert _shell(FileDigests().command(paths=[str(tmp_path / "gone")])).stdout == ""
     # nothing printed (none of them exists): pyinfra gives the fact's default
     assert FileDigests.default() == {}
 
