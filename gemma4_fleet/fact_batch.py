@@ -221,12 +221,15 @@ def remember() -> None:
         for name, reads in run.hosts.items():
             if not reads.asked:
                 continue
-            path = _record_path(run.deploy, name)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.")
-            with os.fdopen(fd, "w") as fh:
-                json.dump(list(reads.asked.values()), fh)
-            os.replace(tmp, path)
+            try:
+                path = _record_path(run.deploy, name)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.")
+                with os.fdopen(fd, "w") as fh:
+                    json.dump(list(reads.asked.values()), fh)
+                os.replace(tmp, path)
+            except OSError:  # a full or read-only cache: the next run reads as plain pyinfra
+                continue
 
 
 # --- hooks into pyinfra --------------------------------------------------------------------------
