@@ -106,3 +106,35 @@ def test_service_account_reads_both_lines_in_one_command_run_by_a_real_shell() -
             assert passwd.startswith("root:x:0:0:") and group.startswith("root:x:0:")
     with pytest.raises(FactProcessError):
         fact.process(["only one line"])
+
+
+def test_server_flags_filtered_on_the_host_are_the_flags_of_the_whole_help(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+
+    from gemma4_fleet.facts import LlamaServerFlags
+    from gemma4_fleet.render import parse_help_flags
+
+    recorded = Path(__file__).parent / "data" / "llama-server-help-0c1e570.txt"
+    binary = tmp_path / "llama server"  # a stand-in binary printing the recorded --help
+    binary.write_text(f"#!/bin/sh\ncat '{recorded}'\n")
+    binary.chmod(0o755)
+    fact = LlamaServerFlags()
+
+    def read(path: Path) -> set[str] | None:
+        command = fact.command(binary=str(path)).get_raw_value()
+        out = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True)
+        return fact.process(out.stdout.splitlines())
+
+    assert read(binary) == parse_help_flags(recorded.read_text())
+    assert "--spec-type" in (read(binary) or set())
+    assert read(tmp_path / "not built") is None
+
+
+def test_installed_packages_are_those_dpkg_marks_ii() -> None:
+    from gemma4_fleet.facts import InstalledPackages
+
+    recorded = ["ii  cmake", "un  ccache", "rc  old-thing", "ii  python3-prometheus-client"]
+    assert InstalledPackages().process(recorded) == {"cmake", "python3-prometheus-client"}
+    assert InstalledPackages().process([]) == set()
