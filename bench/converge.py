@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -55,6 +56,7 @@ class Run:
     returncode: int
     changed: dict[str, int] = field(default_factory=dict)
     output: str = ""
+    cpu: float = 0.0  # the controller's CPU seconds (user + system) for the run
 
     @property
     def tail(self) -> str:
@@ -65,27 +67,36 @@ class Run:
         return sum(n for op, n in self.changed.items() if re.search(pattern, op))
 
 
-def pyinfra(inventory: str, deploy: str, *args: str, env: dict[str, str]) -> Run:
-    began = time.monotonic()
+def pyinfra(inventory: str, deploy: str, *args: str, env: dict[str, str], cwd: Path = ROOT) -> Run:
+    """`pyinfra -y` of `deploy` as a user runs it, from `cwd` (a checkout of this repository)."""
+    began, used = time.monotonic(), _children_cpu()
     result = subprocess.run(
         [PYINFRA, "-y", *args, inventory, deploy],
-        cwd=ROOT,
+        cwd=cwd,
         capture_output=True,
         text=True,
         env={**os.environ, **env},
         check=False,
     )
-    seconds = time.monotonic() - began
+    seconds, cpu = time.monotonic() - began, _children_cpu() - used
     output = result.stdout + result.stderr
-    return Run(seconds, result.returncode, changed_ops(results_table(output)), output)
+    return Run(seconds, result.returncode, changed_ops(results_table(output)), output, cpu)
 
 
-def write_inventory(fleet: Fleet, path: Path, ccache: str) -> dict[str, Any]:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def write_inventory(
+    fleet: Fleet, path: Path, ccache: str, count: int | None = None
+) -> dict[str, Any]:
+    """An inventory of the fleet's hosts (the first `count` of them) with the demo data."""
     data = demo_data(fleet.mirror_url, fleet.mirror_commit)
     data["llamacpp_build"] = {"cuda": False}
     if ccache == "shared":
         data["llamacpp_build"]["ccache_dir"] = HOST_CCACHE_DIR
-    hosts = [(name, {**ssh, **data}) for name, ssh in fleet.inventory()]
+    hosts = [(name, {**ssh, **data}) for name, ssh in fleet.inventory()][:count]
     path.write_text(f"hosts = {hosts!r}\n")
     return data
 

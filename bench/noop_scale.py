@@ -2,11 +2,15 @@
 
 Boots N fresh test hosts once (a named fleet, `g4b` on 10.213.3.0/24 unless told otherwise),
 converges them (with the controller cache `G4F_CACHE` as it is: with the build's artifact
-there, nothing compiles), then alternates, `--runs` times, a no-op of the first host alone
-(`--limit`) and a no-op of all N, and prints the medians, their ratio, and the commands pyinfra
-ran per host in one no-op (from `--debug`: fact reads and anything executed).
+there, nothing compiles), then alternates, `--runs` times, a no-op of a 1-host inventory (the
+first host) and of the N-host inventory, and prints the medians of wall time and of the
+controller's CPU time, their ratios, and the SSH commands per host in one no-op (from
+`--debug`: fact reads and anything executed).
 
-    bench/noop_scale.py --hosts 8 --runs 5
+With `--before DIR`, a checkout of an earlier commit (`git worktree add DIR <commit>`) runs
+the same no-ops from DIR in the same rounds, for a before/after table measured side by side.
+
+    bench/noop_scale.py --hosts 8 --runs 5 [--before /tmp/before]
 
 Run as root from the repository root, with no other fleet on the same name.
 """
@@ -24,18 +28,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.converge import pyinfra, write_inventory  # noqa: E402
+from bench.converge import Run, pyinfra, write_inventory  # noqa: E402
 from gemma4_fleet.testfleet.hosts import Fleet  # noqa: E402
 
 ENV = {"G4F_PROGRESS_INTERVAL": "600"}
 
 
-def converge(inventory: Path, *args: str) -> tuple[float, str]:
-    """One timed `pyinfra -y` of the demo job; (seconds, output), or exit with its tail."""
-    run = pyinfra(str(inventory), "deploys/gemma4_mtp.py", *args, env=ENV)
-    if run.returncode:
-        raise SystemExit(f"pyinfra {' '.join(args)} failed:\n{run.tail}")
-    return run.seconds, run.output
+def converge(inventory: Path, checkout: Path, *args: str) -> Run:
+    """One timed `pyinfra -y` of the demo job with `checkout`'s package, or exit with its tail."""
+    env = {**ENV, "PYTHONPATH": str(checkout)}
+    run = pyinfra(str(inventory), "deploys/gemma4_mtp.py", *args, env=env, cwd=checkout)
+    if run.returncode or run.changed:
+        raise SystemExit(f"no-op from {checkout} failed or changed {run.changed}:\n{run.tail}")
+    return run
 
 
 def main() -> None:
@@ -44,44 +49,53 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--fleet", default="g4b")
     parser.add_argument("--network", type=int, default=3)
+    parser.add_argument("--before", type=Path, help="checkout of an earlier commit to compare")
     args = parser.parse_args()
+    checkouts = {"after": ROOT, **({"before": args.before.resolve()} if args.before else {})}
     fleet = Fleet(name=args.fleet, network=args.network)
     try:
         boot = time.monotonic()
         fleet.up(args.hosts)
         print(f"booted {args.hosts} hosts in {time.monotonic() - boot:.1f} s", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
-            inventory = Path(tmp) / "inventory.py"
-            write_inventory(fleet, inventory, "shared")
-            first, _ = converge(inventory)
-            print(f"first converge of {args.hosts} hosts: {first:.1f} s", flush=True)
-            one_host = ["--limit", next(iter(fleet.hosts))]
-            one: list[float] = []
-            all_: list[float] = []
+            every, one = Path(tmp) / "fleet.py", Path(tmp) / "one.py"
+            write_inventory(fleet, every, "shared")
+            first = pyinfra(str(every), "deploys/gemma4_mtp.py", env=ENV)
+            if first.returncode:
+                raise SystemExit(f"first converge failed:\n{first.tail}")
+            print(f"first converge of {args.hosts} hosts: {first.seconds:.1f} s", flush=True)
+            write_inventory(fleet, one, "shared", count=1)
+            runs: dict[tuple[str, Path], list[Run]] = {}
+            for checkout in checkouts.values():
+                for inventory in (one, every):  # warm-up: last run's facts for the batch
+                    converge(inventory, checkout)
             for _ in range(args.runs):
-                one.append(converge(inventory, *one_host)[0])
-                all_.append(converge(inventory)[0])
-            _, debug = converge(inventory, "--debug")
+                for name, checkout in checkouts.items():
+                    for inventory in (one, every):
+                        runs.setdefault((name, inventory), []).append(converge(inventory, checkout))
+            debug = {name: converge(every, c, "--debug").output for name, c in checkouts.items()}
     finally:
         fleet.down()
-    commands = {
-        name: len(re.findall(rf"Running command on {re.escape(name)}:", debug))
-        for name in fleet_names(debug)
-    }
-    m1, mn = statistics.median(one), statistics.median(all_)
-    print(f"\nno-op, medians of {args.runs} runs (alternating):")
-    print("| hosts | no-op s | ratio to 1 host | commands per host |\n|---|---|---|---|")
-    print(f"| 1 | {m1:.2f} | 1.00 | |")
+    n = args.hosts
+    print(f"\nno-op, medians of {args.runs} alternating runs (wall s; controller CPU s):")
     print(
-        f"| {args.hosts} | {mn:.2f} | {mn / m1:.2f} | "
-        f"{statistics.median(commands.values()) if commands else 0:g} |"
+        f"| package | 1 host | {n} hosts | wall ratio | CPU 1 host | CPU {n} hosts | CPU ratio "
+        "| SSH commands per host |\n|---|---|---|---|---|---|---|---|"
     )
-    rounded = [[round(s, 2) for s in runs] for runs in (one, all_)]
-    print(f"runs, 1 host: {rounded[0]}; {args.hosts} hosts: {rounded[1]}")
-
-
-def fleet_names(debug: str) -> set[str]:
-    return set(re.findall(r"Running command on (\S+):", debug))
+    for name in checkouts:
+        w1, wn = (statistics.median(r.seconds for r in runs[(name, inv)]) for inv in (one, every))
+        c1, cn = (statistics.median(r.cpu for r in runs[(name, inv)]) for inv in (one, every))
+        commands = [
+            len(re.findall(rf"Running command on {re.escape(h)}:", debug[name]))
+            for h in fleet.hosts
+        ]
+        print(
+            f"| {name} | {w1:.2f} | {wn:.2f} | {wn / w1:.2f} | {c1:.2f} | {cn:.2f} "
+            f"| {cn / c1:.2f} | {statistics.median(commands):g} |"
+        )
+    for (name, inventory), taken in runs.items():
+        label = "1 host" if inventory == one else f"{n} hosts"
+        print(f"{name}, {label}: {[round(r.seconds, 2) for r in taken]}")
 
 
 if __name__ == "__main__":
