@@ -78,6 +78,7 @@ def main() -> None:
                     for inventory in (one, every):
                         runs.setdefault((name, inventory), []).append(converge(inventory, checkout))
             debug = {name: converge(every, c, "--debug").output for name, c in checkouts.items()}
+            hosts = list(fleet.hosts)
     finally:
         fleet.down()
     n = args.hosts
@@ -91,7 +92,7 @@ def main() -> None:
         c1, cn = (statistics.median(r.cpu for r in runs[(name, inv)]) for inv in (one, every))
         commands = [
             len(re.findall(rf"Running command on {re.escape(h)}:", debug[name]))
-            for h in fleet.hosts
+            for h in hosts
         ]
         print(
             f"| {name} | {w1:.2f} | {wn:.2f} | {wn / w1:.2f} | {c1:.2f} | {cn:.2f} "
