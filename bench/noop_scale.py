@@ -91,8 +91,7 @@ def main() -> None:
         w1, wn = (statistics.median(r.seconds for r in runs[(name, inv)]) for inv in (one, every))
         c1, cn = (statistics.median(r.cpu for r in runs[(name, inv)]) for inv in (one, every))
         commands = [
-            len(re.findall(rf"Running command on {re.escape(h)}:", debug[name]))
-            for h in hosts
+            len(re.findall(rf"Running command on {re.escape(h)}:", debug[name])) for h in hosts
         ]
         print(
             f"| {name} | {w1:.2f} | {wn:.2f} | {wn / w1:.2f} | {c1:.2f} | {cn:.2f} "

@@ -35,6 +35,8 @@ from pyinfra.api.state import StateStage
 from gemma4_fleet.common import cache_dir
 
 _WRAPPED = "_g4f_fact_batch"
+# Where a remembered fact may come from (the record is a file: it names no other module).
+FACT_MODULES = ("gemma4_fleet.", "pyinfra.facts.")
 # The fact's `requires_command` is not on the host: pyinfra gives default() while preparing.
 MISSING_COMMAND = object()
 
@@ -148,6 +150,8 @@ def prefetch(host: Host, deploy: str) -> None:
     reads: list[tuple[FactBase[Any], dict[str, Any]]] = []
     for path, kwargs in _remembered(run.deploy, host.name):
         module, _, name = path.partition(":")
+        if not module.startswith(FACT_MODULES):
+            continue
         try:
             cls = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):

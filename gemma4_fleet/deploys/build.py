@@ -67,6 +67,9 @@ def llama_cpp(config: HostConfig, role: ShareRole, artifact: str) -> list[Operat
     host per build id compiles and packs its build into the controller cache, and the others
     unpack it from there (gemma4_fleet.fleet_share). Every host calls every operation, so the
     build and pack on one host run before the placing on the others.
+
+    + role: this host's part in the fleet's build (deploys.build_role)
+    + artifact: the build's artifact path in the controller cache
     """
     if config.build.cuda and not config.build.cuda_architectures:
         g4f.fail(

@@ -143,6 +143,7 @@ def test_reads_are_served_until_the_host_changes_and_remembered_for_next_time(
         return ["read from the host"]
 
     monkeypatch.setattr(fact_batch, "_PYINFRA_GET_FACT", pyinfra_read)
+    monkeypatch.setattr(fact_batch, "FACT_MODULES", (__name__,))  # this file's facts
     state = RunState(
         current_stage=StateStage.Prepare, print_fact_output=False, print_fact_input=False
     )
