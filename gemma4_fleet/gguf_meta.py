@@ -18,6 +18,7 @@ their semantics follow llama.cpp ``src/llama-model.cpp`` (``load_hparams``) and 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -26,11 +27,15 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import requests
-from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+if TYPE_CHECKING:
+    from gguf import GGUFValueType
+# `gguf` (and numpy with it, ~0.15 s) is imported where a header is parsed: most runs read
+# every header from the cache and never need it.
 
 ARCHITECTURES = ("gemma3", "gemma4", "gemma4-assistant")
 
@@ -192,19 +197,24 @@ class _Header:
 # [start, end) -> (bytes read, total file size)
 _Fetch = Callable[[int, int], tuple[bytes, int]]
 
-_SCALAR_FORMATS = {
-    GGUFValueType.UINT8: "<B",
-    GGUFValueType.INT8: "<b",
-    GGUFValueType.UINT16: "<H",
-    GGUFValueType.INT16: "<h",
-    GGUFValueType.UINT32: "<I",
-    GGUFValueType.INT32: "<i",
-    GGUFValueType.FLOAT32: "<f",
-    GGUFValueType.BOOL: "<?",
-    GGUFValueType.UINT64: "<Q",
-    GGUFValueType.INT64: "<q",
-    GGUFValueType.FLOAT64: "<d",
-}
+
+@functools.cache
+def _scalar_formats() -> dict[GGUFValueType, str]:
+    from gguf import GGUFValueType
+
+    return {
+        GGUFValueType.UINT8: "<B",
+        GGUFValueType.INT8: "<b",
+        GGUFValueType.UINT16: "<H",
+        GGUFValueType.INT16: "<h",
+        GGUFValueType.UINT32: "<I",
+        GGUFValueType.INT32: "<i",
+        GGUFValueType.FLOAT32: "<f",
+        GGUFValueType.BOOL: "<?",
+        GGUFValueType.UINT64: "<Q",
+        GGUFValueType.INT64: "<q",
+        GGUFValueType.FLOAT64: "<d",
+    }
 
 
 class _Truncated(Exception):
@@ -300,6 +310,8 @@ class _Cursor:
         return self.buf[start : start + n].decode("utf-8", errors="replace")
 
     def value_type(self) -> GGUFValueType:
+        from gguf import GGUFValueType
+
         raw = self.uint("<I")
         try:
             return GGUFValueType(raw)
@@ -307,10 +319,12 @@ class _Cursor:
             raise _Corrupt(f"corrupt GGUF header: unknown value type {raw}") from None
 
     def value(self, vtype: GGUFValueType) -> _Value:
+        from gguf import GGUFValueType
+
         if vtype == GGUFValueType.STRING:
             return self.string()
         if vtype != GGUFValueType.ARRAY:
-            return self.scalar(_SCALAR_FORMATS[vtype])
+            return self.scalar(_scalar_formats()[vtype])
         etype = self.value_type()
         length = self.uint("<Q")
         if length <= _MAX_KEPT_ARRAY:
@@ -327,11 +341,13 @@ class _Cursor:
         elif etype == GGUFValueType.ARRAY:
             raise _Corrupt("corrupt GGUF header: nested arrays")
         else:
-            self.skip(length * struct.calcsize(_SCALAR_FORMATS[etype]))
+            self.skip(length * struct.calcsize(_scalar_formats()[etype]))
         return _Array(length, None)
 
 
 def _parse_header(buf: bytearray) -> _Header:
+    from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType
+
     cur = _Cursor(buf)
     if cur.uint("<I") != GGUF_MAGIC:
         raise _Corrupt(f"not a GGUF file (magic {bytes(buf[:4])!r}, expected b'GGUF')")
@@ -365,6 +381,8 @@ def _parse_header(buf: bytearray) -> _Header:
 
 
 def _build_meta(header: _Header, *, default_name: str) -> ModelMeta:
+    from gguf import Keys
+
     kv = header.kv
     arch = kv.get(Keys.General.ARCHITECTURE)
     name = kv.get(Keys.General.NAME)
@@ -430,6 +448,8 @@ def _build_meta(header: _Header, *, default_name: str) -> ModelMeta:
 
 def _gemma3_swa_layers(keys: _Keys, n_layer: int, n_swa: int) -> tuple[bool, ...]:
     """llama_model_gemma3::load_arch_hparams -> load_swa_pattern(ml, 6) -> set_swa_pattern."""
+    from gguf import Keys
+
     if n_swa == 0:
         return (False,) * n_layer
     pattern_key = Keys.Attention.SLIDING_WINDOW_PATTERN

@@ -11,24 +11,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
 from gemma4_fleet.gguf_meta import ModelMeta
 
 MIB = 1 << 20
 CTX_PAD = 256  # llama_context pads n_ctx and n_ctx_seq, llama_kv_cache_iswa the SWA size, to 256
 
-# -ctk / -ctv values llama-server accepts (common/arg.cpp kv_cache_types)
-CACHE_TYPES: dict[str, GGMLQuantizationType] = {
-    "f32": GGMLQuantizationType.F32,
-    "f16": GGMLQuantizationType.F16,
-    "bf16": GGMLQuantizationType.BF16,
-    "q8_0": GGMLQuantizationType.Q8_0,
-    "q4_0": GGMLQuantizationType.Q4_0,
-    "q4_1": GGMLQuantizationType.Q4_1,
-    "iq4_nl": GGMLQuantizationType.IQ4_NL,
-    "q5_0": GGMLQuantizationType.Q5_0,
-    "q5_1": GGMLQuantizationType.Q5_1,
+# -ctk / -ctv values llama-server accepts (common/arg.cpp kv_cache_types) -> (elements per block,
+# bytes per block): ggml's sizes, as gguf.GGML_QUANT_SIZES has them (a unit test holds them
+# equal; gguf itself, which imports numpy, is not needed to plan)
+CACHE_TYPES: dict[str, tuple[int, int]] = {
+    "f32": (1, 4),
+    "f16": (1, 2),
+    "bf16": (1, 2),
+    "q8_0": (32, 34),
+    "q4_0": (32, 18),
+    "q4_1": (32, 20),
+    "iq4_nl": (32, 18),
+    "q5_0": (32, 22),
+    "q5_1": (32, 24),
 }
 
 # llama-server's --spec-type values check_pairing knows (common/speculative.cpp)
@@ -110,7 +110,7 @@ def _pad(n: int) -> int:
 
 def _row_bytes(type_name: str, width: int) -> int:
     try:
-        sizes: tuple[int, int] = GGML_QUANT_SIZES[CACHE_TYPES[type_name]]
+        sizes: tuple[int, int] = CACHE_TYPES[type_name]
     except KeyError:
         raise PlanError(
             f"unknown KV cache type {type_name!r} (known: {', '.join(CACHE_TYPES)})"

@@ -456,3 +456,22 @@ def test_pairing_errors(
 ) -> None:
     with pytest.raises(PairingError, match=re.escape(message)):
         check_pairing(target, drafter, spec_type)
+
+
+def test_kv_cache_type_sizes_are_ggmls() -> None:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from gemma4_fleet.memory_model import CACHE_TYPES
+
+    for name, sizes in CACHE_TYPES.items():
+        assert GGML_QUANT_SIZES[GGMLQuantizationType[name.upper()]] == sizes, name
+
+
+def test_loading_the_deploys_does_not_import_numpy() -> None:
+    """gguf (and numpy) load only where a GGUF header is parsed: not in a no-op converge."""
+    import subprocess
+    import sys
+
+    probe = "import sys, gemma4_fleet.deploys; print('numpy' in sys.modules, 'gguf' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
