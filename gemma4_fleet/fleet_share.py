@@ -28,7 +28,6 @@ from functools import lru_cache
 from pathlib import Path
 
 from gemma4_fleet.common import cache_dir, sha256_file
-from gemma4_fleet.config import HostConfig
 
 CONTROLLER_CACHE = "controller cache"
 
@@ -54,18 +53,19 @@ class ShareRole:
     installed: bool = False  # complete on the host already (read once, for the whole fleet)
 
 
-def builder_problems(configs: Mapping[str, HostConfig]) -> list[str]:
-    """Two hosts marked `llama_builder` for one build id: which one should compile is unclear."""
+def builder_problems(hosts: Sequence[ShareHost]) -> list[str]:
+    """Two hosts marked `llama_builder` for one build id and release: which one should compile
+    is unclear. (One marked host per release of a mixed fleet is fine: each builds its own.)"""
     first: dict[str, str] = {}
     problems = []
-    for name, config in configs.items():
-        if not config.builder:
+    for h in hosts:
+        if not h.marked:
             continue
-        other = first.setdefault(config.build_id, name)
-        if other != name:
+        other = first.setdefault(h.key, h.name)
+        if other != h.name:
             problems.append(
-                f"host {name}: llama_builder: host {other} is already the builder of build "
-                f"{config.build_id}; mark one host per build id"
+                f"host {h.name}: llama_builder: host {other} is already the builder of build "
+                f"{h.key}; mark one host per build id and release"
             )
     return problems
 

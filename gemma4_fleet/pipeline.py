@@ -29,7 +29,6 @@ from gemma4_fleet.config import (
     stand_in_checksums,
 )
 from gemma4_fleet.facts import Gpu
-from gemma4_fleet.fleet_share import builder_problems
 from gemma4_fleet.host_checks import host_problems, inventory_problems
 from gemma4_fleet.tuning import annotate_plan_errors, apply_profile
 from gemma4_fleet.vram_plan import (
@@ -221,7 +220,6 @@ def host_setups(
             continue
         warnings = (*stand_ins.get(name, {}).values(), *plan.warnings)
         setups[name] = HostSetup(config, plan, gpus or [], uuids, warnings)
-    errors += builder_problems({name: setup.config for name, setup in setups.items()})
     if errors:
         raise FleetConfigError(errors)
     return setups

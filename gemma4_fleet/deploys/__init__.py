@@ -45,6 +45,7 @@ from gemma4_fleet.fleet_share import (
     ShareHost,
     ShareRole,
     artifact_path,
+    builder_problems,
     is_cached,
     model_artifact_path,
     plan_sharing,
@@ -140,6 +141,9 @@ def build_role() -> tuple[ShareRole, str]:
                 )
 
             fleet = each_host(hosts, read)
+            problems = builder_problems(list(fleet.values()))
+            if problems:  # before any operation: nothing has been touched
+                raise FleetConfigError(problems)
             cached = {b.key for b in fleet.values() if is_cached(artifact_path(b.key))}
             roles = plan_sharing(list(fleet.values()), cached)
             _roles[state] = {

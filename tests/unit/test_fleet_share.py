@@ -77,17 +77,18 @@ def test_nobody_compiles_what_the_cache_or_a_host_already_has() -> None:
     assert not any(r.make or r.publish or r.install for r in done.values())
 
 
-def test_two_marked_builders_of_one_build_id_are_refused_naming_the_host() -> None:
-    marked = parse_host_config("a", host_data(llama_builder=True))
-    other_id = parse_host_config(
-        "c", host_data(llama_builder=True, llamacpp_build={"cuda_architectures": [86]})
-    )
-    assert builder_problems({"a": marked, "c": other_id}) == []
-    (problem,) = builder_problems({"a": marked, "b": marked, "c": other_id})
-    assert problem == (
-        f"host b: llama_builder: host a is already the builder of build {marked.build_id}; "
-        "mark one host per build id"
-    )
+def test_two_marked_builders_of_one_build_and_release_are_refused_naming_the_host() -> None:
+    one_per_release = [
+        ShareHost("a", "0c1e57098bba-1f2e3d4c-debian12", False, marked=True),
+        ShareHost("c", "0c1e57098bba-1f2e3d4c-debian13", False, marked=True),
+        ShareHost("d", "0c1e57098bba-1f2e3d4c-debian13", False),
+    ]
+    assert builder_problems(one_per_release) == []
+    twice = [*one_per_release, ShareHost("b", "0c1e57098bba-1f2e3d4c-debian12", True, marked=True)]
+    assert builder_problems(twice) == [
+        "host b: llama_builder: host a is already the builder of build "
+        "0c1e57098bba-1f2e3d4c-debian12; mark one host per build id and release"
+    ]
 
 
 def test_llama_builder_must_be_a_boolean() -> None:
