@@ -40,6 +40,10 @@ def _load_inventory(path: str, data: list[str] | None = None) -> tuple[Any, Any]
     from pyinfra.context import ctx_state
     from pyinfra_cli.inventory import make_inventory
 
+    from gemma4_fleet import pyinfra_patches
+
+    pyinfra_patches.install()  # SSH as the deploys use it: lost hosts fail alone, no send delay
+
     overrides = override_data(data or [])
 
     cwd = os.getcwd()
