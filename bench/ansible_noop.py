@@ -6,8 +6,8 @@ deploy's no-op checks, host by host: GPUs, service account and group, release, b
 file, packages, managed units, systemd version, directories, absent UVM files, host scripts,
 API key, server flags, the three unit files (their content as deployed) and the timer and
 service running and enabled. It alternates, `--runs` times, the deploy's no-op
-(`pyinfra -y`) and `ansible-playbook` (default settings, no fact gathering), checks that
-neither changed anything, and prints the medians and their ratio.
+(`pyinfra -y`) and `ansible-playbook` (no fact gathering; default settings, then with SSH
+pipelining), checks that none changed anything, and prints the medians and their ratios.
 
     bench/ansible_noop.py --hosts 3 --runs 5
 
@@ -136,14 +136,15 @@ def playbook(build_dir: str, model: str) -> list[dict[str, object]]:
     return [{"hosts": "all", "gather_facts": False, "tasks": tasks}]
 
 
-def ansible(folder: Path) -> tuple[float, str]:
+def ansible(folder: Path, pipelining: bool) -> tuple[float, str]:
+    """One timed `ansible-playbook` run (default settings, or with SSH pipelining)."""
     began = time.monotonic()
     result = subprocess.run(
         ["ansible-playbook", "-i", "hosts.ini", "noop.yml"],
         cwd=folder,
         capture_output=True,
         text=True,
-        env={**os.environ, "ANSIBLE_NOCOLOR": "1"},
+        env={**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_PIPELINING": str(pipelining)},
         check=False,
     )
     seconds = time.monotonic() - began
@@ -163,7 +164,7 @@ def main() -> None:
     args = parser.parse_args()
     fleet = Fleet(name=args.fleet, network=args.network)
     ours: list[float] = []
-    theirs: list[float] = []
+    theirs: dict[bool, list[float]] = {False: [], True: []}  # by SSH pipelining
     try:
         fleet.up(args.hosts)
         with tempfile.TemporaryDirectory() as tmp:
@@ -191,23 +192,27 @@ def main() -> None:
             # JSON is YAML: the playbook needs no YAML writer
             (folder / "noop.yml").write_text(json.dumps(playbook(build_dir.rstrip("/"), model)))
             pyinfra(str(inventory), "deploys/gemma4_mtp.py", env=ENV)  # the batch's record
-            ansible(folder)  # warm-up: ssh control sockets, module cache
+            ansible(folder, False)  # warm-up: ssh control sockets, module cache
             for _ in range(args.runs):
                 run = pyinfra(str(inventory), "deploys/gemma4_mtp.py", env=ENV)
                 if run.returncode or run.changed:
                     raise SystemExit(f"the no-op changed {run.changed}:\n{run.tail}")
                 ours.append(run.seconds)
-                theirs.append(ansible(folder)[0])
+                for pipelining, taken in theirs.items():
+                    taken.append(ansible(folder, pipelining)[0])
     finally:
         fleet.down()
-    mine, other = statistics.median(ours), statistics.median(theirs)
+    mine = statistics.median(ours)
     print(f"\nno-op of {args.hosts} hosts, medians of {args.runs} alternating runs:")
-    print("| | seconds |\n|---|---|")
-    print(
-        f"| gemma4-fleet (pyinfra) | {mine:.2f} |\n| Ansible playbook, same checks | {other:.2f} |"
-    )
-    print(f"ratio: {mine / other:.2f}")
-    print(f"runs: ours {[round(s, 2) for s in ours]}; Ansible {[round(s, 2) for s in theirs]}")
+    print("| | seconds | gemma4-fleet / it |\n|---|---|---|")
+    print(f"| gemma4-fleet (pyinfra) | {mine:.2f} | |")
+    for pipelining, taken in theirs.items():
+        other = statistics.median(taken)
+        label = "with SSH pipelining" if pipelining else "default settings"
+        print(f"| Ansible playbook, same checks, {label} | {other:.2f} | {mine / other:.2f} |")
+    print(f"runs: ours {[round(s, 2) for s in ours]}")
+    for pipelining, taken in theirs.items():
+        print(f"Ansible, pipelining {pipelining}: {[round(s, 2) for s in taken]}")
 
 
 if __name__ == "__main__":
