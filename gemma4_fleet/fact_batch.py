@@ -108,6 +108,16 @@ def _fact_command(fact: FactBase[Any], kwargs: dict[str, Any]) -> StringCommand:
     )
 
 
+def _takes(fact: FactBase[Any], kwargs: dict[str, Any]) -> bool:
+    """Whether the fact builds its command from these arguments (a record written by an older
+    version may name arguments the fact no longer takes)."""
+    try:
+        _fact_command(fact, kwargs)
+    except (TypeError, ValueError, KeyError):
+        return False
+    return True
+
+
 def batch_command(reads: list[tuple[FactBase[Any], dict[str, Any]]], mark: str) -> StringCommand:
     """Each fact's command in its own subshell (a `cd` or `exit` stays there), then a line
     `<mark> <index> <exit status>`; stderr is dropped (pyinfra processes stdout only)."""
@@ -156,8 +166,8 @@ def prefetch(host: Host, deploy: str) -> None:
             cls = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):
             continue
-        if batchable(cls, kwargs):
-            reads.append((cls(), kwargs))
+        if batchable(cls, kwargs) and _takes(fact := cls(), kwargs):
+            reads.append((fact, kwargs))
     if not reads:
         return
     mark = f"G4F-FACT-{secrets.token_hex(8)}"

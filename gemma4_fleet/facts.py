@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,13 +62,20 @@ class LlamaCppBuildInfo(FactBase[dict[str, str] | None]):
 
 
 class LlamaServerFlags(FactBase[set[str] | None]):
-    """Option names the llama-server binary at `binary` lists in --help, or None if absent."""
+    """Option names the llama-server binary at `binary` lists in --help, or None if absent.
+
+    Builds keep their --help in `<binary>.help`: reading it spares loading the binary and its
+    libraries (CUDA's are hundreds of MB) on every run; a build without one runs --help.
+    """
 
     def command(self, binary: str) -> StringCommand:
         # Only the lines parse_help_flags reads (those starting with "-"): 60 KB become 15.
+        help_file = QuoteString(f"{binary}.help")
         return StringCommand(
-            *("test", "-x", QuoteString(binary), "&&", "{", QuoteString(binary), "--help"),
-            *("2>&1", "|", "grep", "-e", "'^-';", "true;", "}", "||", "echo", _MISSING),
+            *("test", "-x", QuoteString(binary), "&&", "{", "if", "test", "-f", help_file, ";"),
+            *("then", "grep", "-e", "'^-'", help_file, ";", "else", QuoteString(binary)),
+            *("--help", "2>&1", "|", "grep", "-e", "'^-';", "fi;", "true;", "}"),
+            *("||", "echo", _MISSING),
         )
 
     def process(self, output: list[str]) -> set[str] | None:
@@ -210,21 +218,33 @@ class CudaToolkit(FactBase[str | None]):
 
 
 class InstalledPackages(FactBase[set[str]]):
-    """Which of `packages` dpkg has installed (`dpkg -l` lists all of them: 30 KB a read)."""
+    """The packages dpkg has installed: one read answers every deploy's check (`dpkg-query`
+    reads its whole database even for a few names; `dpkg -l` would send 30 KB, this 3)."""
 
     @staticmethod
     def default() -> set[str]:
         return set()
 
-    def command(self, packages: list[str]) -> StringCommand:
-        return StringCommand(
-            *("dpkg-query", "-W", "-f", "'${db:Status-Abbrev} ${Package}\\n'", "--"),
-            *(QuoteString(p) for p in packages),
-            *("2>/dev/null;", "true"),  # an unknown name is an error, and not installed
-        )
+    def command(self) -> str:
+        return "dpkg-query -W -f '${db:Status-Abbrev} ${Package}\\n'"
 
     def process(self, output: list[str]) -> set[str]:
         return {line.split()[-1] for line in output if line.startswith("ii ")}
+
+
+class OsRelease(FactBase[dict[str, str]]):
+    """`/etc/os-release` as a dict (ID, VERSION_ID, ...); empty where there is none."""
+
+    @staticmethod
+    def default() -> dict[str, str]:
+        return {}
+
+    def command(self) -> str:
+        return "cat /etc/os-release 2>/dev/null; true"
+
+    def process(self, output: list[str]) -> dict[str, str]:
+        pairs = (line.partition("=") for line in output if "=" in line)
+        return {key.strip(): value.strip().strip("\"'") for key, _, value in pairs}
 
 
 class SystemdVersion(FactBase[int]):
@@ -291,16 +311,6 @@ class SystemdUnitExists(FactBase[bool]):
 
     def process(self, output: list[str]) -> bool:
         return _single(output) == "yes"
-
-
-class PasswdLine(FactBase[str | None]):
-    """`getent passwd NAME` (local files, LDAP, ...): the account's line, or None if absent."""
-
-    def command(self, user: str) -> StringCommand:
-        return StringCommand("getent", "passwd", "--", QuoteString(user), "||", "echo", _MISSING)
-
-    def process(self, output: list[str]) -> str | None:
-        return _single(output)
 
 
 class ServiceAccount(FactBase[tuple[str | None, str | None]]):
@@ -506,11 +516,21 @@ class ManagedUnitFiles(FactBase[ManagedFiles]):
         return ManagedFiles({}, {})
 
     def command(self) -> str:
+        # One awk for every candidate file (a loop of head | grep per file forked 4 per file).
+        globs = (
+            f"{SYSTEMD_DIR}/llama-server-*.service {SYSTEMD_DIR}/llama-smoke-*.service "
+            f"{SYSTEMD_DIR}/llama-smoke-*.timer {SYSTEMD_DIR}/*.service.d/{GPU_DROPIN_NAME}"
+        )
+        awk = (
+            'function done_file() { if (ours) print file "\\t" start } '
+            'FNR == 1 { done_file(); file = FILENAME; start = ""; ours = index($0, m) == 1 } '
+            'ours && start == "" && /^ExecStart=/ { start = $0 } '
+            "END { done_file() }"
+        )
         return (
-            f"for f in {SYSTEMD_DIR}/llama-server-*.service {SYSTEMD_DIR}/llama-smoke-*.service "
-            f"{SYSTEMD_DIR}/llama-smoke-*.timer {SYSTEMD_DIR}/*.service.d/{GPU_DROPIN_NAME}; do "
-            f'[ -f "$f" ] && head -n1 "$f" | grep -q "^{MANAGED_MARKER}" || continue; '
-            'printf "%s\\t%s\\n" "$f" "$(grep -m1 "^ExecStart=" "$f")"; done; true'
+            f'set --; for f in {globs}; do [ -f "$f" ] && set -- "$@" "$f"; done; '
+            f"[ $# -eq 0 ] || awk -v m={shlex.quote(MANAGED_MARKER)} {shlex.quote(awk)} "
+            '"$@"; true'
         )
 
     def process(self, output: list[str]) -> ManagedFiles:

@@ -101,11 +101,9 @@ def plan_sharing(hosts: Sequence[ShareHost], cached: Collection[str]) -> dict[st
     return roles
 
 
-def share_key(build_id: str, distribution: Mapping[str, object] | None) -> str:
+def share_key(build_id: str, os_release: Mapping[str, str]) -> str:
     """The build id plus the host's release (`/etc/os-release` ID and VERSION_ID)."""
-    meta = (distribution or {}).get("release_meta") or {}
-    release = meta if isinstance(meta, Mapping) else {}
-    system = "".join(str(release.get(key) or "") for key in ("ID", "VERSION_ID"))
+    system = "".join(os_release.get(key) or "" for key in ("ID", "VERSION_ID"))
     return f"{build_id}-{system or 'unknown'}"
 
 

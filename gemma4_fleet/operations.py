@@ -165,6 +165,8 @@ def build(config: HostConfig, role: ShareRole | None = None) -> Commands:
         'rm -rf "$stage"; mkdir -p "$stage/bin"; : >"$stage/$owned"; '
         'cp "$scratch/bin/llama-server" "$scratch/bin/llama-bench" "$stage/bin/"; '
         '"$stage/bin/llama-server" --version >"$stage/VERSION" 2>&1; '
+        # Its options, for the flag check of every later run (no need to load the binary).
+        '"$stage/bin/llama-server" --help >"$stage/bin/llama-server.help" 2>&1; '
         'printf "commit=%s\\nid=%s\\noptions=%s\\n" "$commit" "$id" "$options" '
         '>"$stage/BUILD-INFO"; '
         'rm -rf "$root/builds/$id"; mv "$stage" "$root/builds/$id"; rm -rf "$scratch"',

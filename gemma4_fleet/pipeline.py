@@ -170,7 +170,7 @@ def host_setups(
     + hosts: pyinfra inventory hosts (their `data` already merged by pyinfra, `--data` included)
     + read_gpus: reads the GPUs of the hosts it is given (the deploy: every host's NvidiaGpus
       fact); None plans from host data alone
-    + read_accounts: looks up each host's service account (the deploy: the PasswdLine fact);
+    + read_accounts: looks up each host's service account (the deploy: the ServiceAccount fact);
       None skips that check (the `plan` command)
     + meta_for: GGUF metadata of a model (read once per model for the whole fleet)
     + placeholders: plan checksums not filled in yet, with a warning (`gemma4-fleet plan`)

@@ -20,7 +20,6 @@ from pyinfra import host, logger, state
 from pyinfra.api import State, deploy
 from pyinfra.api.host import Host
 from pyinfra.context import ctx_host
-from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import python
 from pyinfra.operations.util import any_changed
 
@@ -38,7 +37,8 @@ from gemma4_fleet.facts import (
     LlamaCppBuildInfo,
     ModelFileStamp,
     NvidiaGpus,
-    PasswdLine,
+    OsRelease,
+    ServiceAccount,
     model_verified,
 )
 from gemma4_fleet.fleet_share import (
@@ -99,9 +99,12 @@ def _gpu_facts(
 
 
 def _account_facts(hosts: list[tuple[Any, HostConfig]]) -> dict[str, str | None]:
-    """`getent passwd` of each host's service account (the tool's own, or absent)."""
+    """`getent passwd` of each host's service account (the tool's own, or absent); the same
+    read the `service_account` operation makes, so a run asks once."""
     users = {h.name: config.service_user for h, config in hosts}
-    return each_host((h for h, _ in hosts), lambda h: h.get_fact(PasswdLine, user=users[h.name]))
+    return each_host(
+        (h for h, _ in hosts), lambda h: h.get_fact(ServiceAccount, user=users[h.name])[0]
+    )
 
 
 def host_setup() -> HostSetup:
@@ -135,7 +138,7 @@ def build_role() -> tuple[ShareRole, str]:
                 config = setups[h.name].config
                 return ShareHost(
                     h.name,
-                    share_key(config.build_id, h.get_fact(LinuxDistribution)),
+                    share_key(config.build_id, h.get_fact(OsRelease)),
                     h.get_fact(LlamaCppBuildInfo, build_dir=config.build_dir) is not None,
                     config.builder,
                 )

@@ -11,7 +11,7 @@ from gemma4_fleet.facts import InstalledPackages
 def install_missing(packages: list[str]) -> None:
     """apt-install those of `packages` the host lacks; no apt update when none is missing
     (hosts may be offline)."""
-    installed = host.get_fact(InstalledPackages, packages=packages)
+    installed = host.get_fact(InstalledPackages)
     missing = [name for name in packages if name not in installed]
     if missing:
         apt.packages(

@@ -51,6 +51,15 @@ def test_first_deploy_serves_with_speculative_decoding(fleet: Fleet, deployed: P
         assert completion["timings"]["draft_n_accepted"] > 0, completion["timings"]
         version = fleet.ssh(name, "/opt/llama.cpp/builds/*/bin/llama-server --version 2>&1").stdout
         assert f"commit {short}" in version
+        # The help the build kept (read by the flag check instead of running the binary) lists
+        # the options the binary lists now.
+        kept = fleet.ssh(
+            name,
+            "cd /opt/llama.cpp/builds/*/bin && ./llama-server --help 2>&1 | grep -e '^-' >/tmp/h"
+            " && grep -e '^-' llama-server.help | cmp - /tmp/h && grep -c -e --spec-type /tmp/h",
+            check=False,
+        )
+        assert kept.returncode == 0 and int(kept.stdout) > 0, kept.stdout + kept.stderr
 
 
 def test_second_run_changes_nothing(fleet: Fleet, deployed: PyinfraRun) -> None:

@@ -25,7 +25,7 @@ from pyinfra.api.host import Host
 
 from gemma4_fleet.config import OWNED_FLAGS, ConfigError, parse_host_config
 from gemma4_fleet.deploys import gemma4_mtp, host_setup
-from gemma4_fleet.facts import NvidiaGpus, PasswdLine
+from gemma4_fleet.facts import NvidiaGpus, ServiceAccount
 from gemma4_fleet.host_checks import SERVICE_ACCOUNT_MARK, account_problems, parse_passwd
 from gemma4_fleet.pipeline import HostSetup
 from gemma4_fleet.synthetic import write_pair
@@ -378,9 +378,9 @@ def recorded_facts(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     def get_fact(self: Host, fact: type, *args: Any, **kwargs: Any) -> Any:
         if fact is NvidiaGpus:
             return NvidiaGpus().process(list(recorded["gpus"] if self.name == HOST else TWO_GPUS))
-        if fact is PasswdLine:
+        if fact is ServiceAccount:
             line = recorded["account"] if self.name == HOST else None
-            return PasswdLine().process([line or "G4F-MISSING"])
+            return ServiceAccount().process([line or "G4F-MISSING", "G4F-MISSING"])
         raise AssertionError(f"{fact.__name__} asked before validation finished")
 
     monkeypatch.setattr(Host, "get_fact", get_fact)
@@ -538,13 +538,13 @@ def test_broken_inventory_files_give_one_line(
 
 
 def test_the_account_fact_and_decision_on_this_machine(good: dict[str, Any]) -> None:
-    """PasswdLine's real command (getent) here: root is found and refused, an absent name is
+    """ServiceAccount's real command (getent) here: root is found and refused, an absent name is
     None and accepted, our marked account is accepted."""
 
     def looked_up(user: str) -> str | None:
-        command = PasswdLine().command(user).get_raw_value()
+        command = ServiceAccount().command(user).get_raw_value()
         out = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True)
-        return PasswdLine().process(out.stdout.splitlines())
+        return ServiceAccount().process(out.stdout.splitlines())[0]
 
     config = parse_host_config(HOST, good)
     root = looked_up("root")

@@ -173,6 +173,26 @@ def test_reads_are_served_until_the_host_changes_and_remembered_for_next_time(
     assert real == [("Lines", {"text": "x"}), ("Lines", {"text": "y"})]
 
 
+def test_a_remembered_read_the_fact_no_longer_takes_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record written by an older version (here: an argument Lines does not take) must not
+    stop the run: that read is left out of the batch, the others are served."""
+    monkeypatch.setenv("G4F_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fact_batch, "FACT_MODULES", (__name__,))
+    record = tmp_path / "cache/fact-reads/job/box1.json"
+    record.parent.mkdir(parents=True)
+    lines = f"{__name__}:Lines"
+    record.write_text(json.dumps([[lines, {"text": "x"}], [lines, {"packages": ["a"]}]]))
+    state = RunState(
+        current_stage=StateStage.Prepare, print_fact_output=False, print_fact_input=False
+    )
+    host: Any = LocalHost(state, tmp_path)
+    fact_batch.prefetch(host, "deploys/job.py")
+    monkeypatch.setattr(fact_batch, "_PYINFRA_GET_FACT", lambda *a, **k: ["read from the host"])
+    assert fact_batch.get_fact(host, Lines, (), {"text": "x"}) == ["x"]
+
+
 def test_without_a_prefetch_every_read_is_pyinfras(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

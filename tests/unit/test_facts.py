@@ -132,9 +132,56 @@ def test_server_flags_filtered_on_the_host_are_the_flags_of_the_whole_help(
     assert read(tmp_path / "not built") is None
 
 
+def test_server_flags_come_from_the_help_the_build_kept(tmp_path: Path) -> None:
+    """A build's `llama-server.help` answers without running the binary; without it, --help."""
+    import subprocess
+
+    from gemma4_fleet.facts import LlamaServerFlags
+
+    binary = tmp_path / "llama-server"
+    binary.write_text("#!/bin/sh\necho '-ran, --the-binary'\n")
+    binary.chmod(0o755)
+    fact = LlamaServerFlags()
+
+    def read() -> set[str] | None:
+        command = fact.command(binary=str(binary)).get_raw_value()
+        out = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True)
+        return fact.process(out.stdout.splitlines())
+
+    assert read() == {"-ran", "--the-binary"}
+    (tmp_path / "llama-server.help").write_text("usage: llama-server\n\n-m,    --model FNAME  x\n")
+    assert read() == {"-m", "--model"}
+    binary.unlink()  # a help file without its binary is no build
+    assert read() is None
+
+
 def test_installed_packages_are_those_dpkg_marks_ii() -> None:
     from gemma4_fleet.facts import InstalledPackages
 
     recorded = ["ii  cmake", "un  ccache", "rc  old-thing", "ii  python3-prometheus-client"]
     assert InstalledPackages().process(recorded) == {"cmake", "python3-prometheus-client"}
     assert InstalledPackages().process([]) == set()
+
+
+def test_installed_packages_on_this_machine() -> None:
+    """The real command here (a Debian controller): dpkg itself is installed."""
+    import subprocess
+
+    from gemma4_fleet.facts import InstalledPackages
+
+    command = InstalledPackages().command()
+    out = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True)
+    installed = InstalledPackages().process(out.stdout.splitlines())
+    assert "dpkg" in installed and "g4f-no-such-package" not in installed
+
+
+def test_os_release_is_read_as_key_values() -> None:
+    from gemma4_fleet.facts import OsRelease
+
+    recorded = ['PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"', "ID=debian", 'VERSION_ID="12"', ""]
+    assert OsRelease().process(recorded) == {
+        "PRETTY_NAME": "Debian GNU/Linux 12 (bookworm)",
+        "ID": "debian",
+        "VERSION_ID": "12",
+    }
+    assert OsRelease().process([]) == {}

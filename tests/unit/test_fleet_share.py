@@ -224,11 +224,11 @@ def test_the_unpack_script_places_a_verified_build_and_refuses_a_tampered_one(
 
 
 def test_share_key_keeps_releases_apart() -> None:
-    bookworm = {"name": "Debian", "major": 12, "release_meta": {"ID": "debian", "VERSION_ID": "12"}}
-    trixie = {"name": "Debian", "major": 13, "release_meta": {"ID": "debian", "VERSION_ID": "13"}}
+    bookworm = {"ID": "debian", "VERSION_ID": "12", "VERSION_CODENAME": "bookworm"}
+    trixie = {"ID": "debian", "VERSION_ID": "13", "VERSION_CODENAME": "trixie"}
     assert share_key("0c1e57098bba-1f2e3d4c", bookworm) == "0c1e57098bba-1f2e3d4c-debian12"
     assert share_key("0c1e57098bba-1f2e3d4c", trixie) == "0c1e57098bba-1f2e3d4c-debian13"
-    assert share_key("0c1e57098bba-1f2e3d4c", None) == "0c1e57098bba-1f2e3d4c-unknown"
+    assert share_key("0c1e57098bba-1f2e3d4c", {}) == "0c1e57098bba-1f2e3d4c-unknown"
     # one compile per release: a Debian 13 binary would not run on Debian 12's older glibc
     got = roles(
         [

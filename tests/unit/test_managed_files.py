@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from gemma4_fleet.facts import ManagedInstance, parse_managed_files
@@ -56,3 +59,36 @@ def test_names_this_tool_does_not_render_are_ignored() -> None:
         ]
     )
     assert found.instances == {} and found.gpu_dropins == {}
+
+
+def test_the_command_lists_marked_files_with_their_first_exec_start(tmp_path: Path) -> None:
+    """The fact's real command in a real sh, on a copy of the systemd folder."""
+    from gemma4_fleet.facts import GPU_DROPIN_NAME, MANAGED_MARKER, ManagedUnitFiles
+
+    marked = f"{MANAGED_MARKER} (do not edit)\n"
+    files = {
+        "llama-server-a.service": f"{marked}[Service]\n{EXEC}\nExecStart=/second\n",
+        "llama-smoke-a.timer": f"{marked}[Timer]\nOnCalendar=hourly\n",
+        "llama-server-theirs.service": f"[Service]\n{MANAGED_MARKER}\n{EXEC}\n",
+        "llama-smoke-empty.service": "",
+        f"whisper.service.d/{GPU_DROPIN_NAME}": f"{marked}[Service]\n",
+        "whisper.service.d/override.conf": marked,
+        "unrelated.service": f"{marked}{EXEC}\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+
+    def listed(folder: Path) -> list[str]:
+        command = ManagedUnitFiles().command().replace(D, str(folder))
+        out = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True)
+        return out.stdout.splitlines()
+
+    assert sorted(listed(tmp_path)) == sorted(
+        [
+            f"{tmp_path}/llama-server-a.service\t{EXEC}",
+            f"{tmp_path}/llama-smoke-a.timer\t",
+            f"{tmp_path}/whisper.service.d/{GPU_DROPIN_NAME}\t",
+        ]
+    )
+    assert listed(tmp_path / "none") == []
