@@ -49,14 +49,6 @@ def _load_inventory(path: str, data: list[str] | None = None) -> tuple[Any, Any]
     cwd = os.getcwd()
     if cwd not in sys.path:  # as pyinfra's CLI: group data and inventories may import from cwd
         sys.path.append(cwd)
-    from pyinfra_cli.util import parse_cli_arg
-
-    override: dict[str, Any] = {}
-    for arg in data or []:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise ConfigError(f"--data {arg}: expected KEY=VALUE")
-        override[key] = parse_cli_arg(value)
     state = State(check_for_changes=False)
     state.cwd = cwd
     try:
