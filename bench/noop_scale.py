@@ -29,15 +29,26 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.converge import Run, pyinfra, write_inventory  # noqa: E402
+from gemma4_fleet.common import cache_dir  # noqa: E402
 from gemma4_fleet.testfleet.hosts import Fleet  # noqa: E402
 
 ENV = {"G4F_PROGRESS_INTERVAL": "600"}
 
 
-def converge(inventory: Path, checkout: Path, *args: str, noop: bool = True) -> Run:
+def own_cache(base: Path, path: Path) -> Path:
+    """A controller cache sharing `base`'s builds and models but with fact-read records of its
+    own: each checkout batches what it read last time, not what the other one read."""
+    path.mkdir()
+    for entry in base.iterdir():
+        if entry.name != "fact-reads":
+            (path / entry.name).symlink_to(entry)
+    return path
+
+
+def converge(inventory: Path, checkout: Path, cache: Path, *args: str, noop: bool = True) -> Run:
     """One timed `pyinfra -y` of the demo job with `checkout`'s package, or exit with its tail
     (also when `noop` and it changed something)."""
-    env = {**ENV, "PYTHONPATH": str(checkout)}
+    env = {**ENV, "PYTHONPATH": str(checkout), "G4F_CACHE": str(cache)}
     run = pyinfra(str(inventory), "deploys/gemma4_mtp.py", *args, env=env, cwd=checkout)
     if run.returncode or (noop and run.changed):
         raise SystemExit(f"no-op from {checkout} failed or changed {run.changed}:\n{run.tail}")
@@ -66,18 +77,24 @@ def main() -> None:
                 raise SystemExit(f"first converge failed:\n{first.tail}")
             print(f"first converge of {args.hosts} hosts: {first.seconds:.1f} s", flush=True)
             write_inventory(fleet, one, "shared", count=1)
+            caches = {name: own_cache(cache_dir(), Path(tmp) / name) for name in checkouts}
             runs: dict[tuple[str, Path], list[Run]] = {}
             # Warm-up: the last run's facts for the batch; an older checkout may still change
             # what the current one left (before 2026-12-01, pyinfra's server.user made the
             # service account's home, /nonexistent, as a directory).
-            for checkout in checkouts.values():
+            for name, checkout in checkouts.items():
                 for inventory in (one, every):
-                    converge(inventory, checkout, noop=False)
+                    converge(inventory, checkout, caches[name], noop=False)
             for _ in range(args.runs):
                 for name, checkout in checkouts.items():
                     for inventory in (one, every):
-                        runs.setdefault((name, inventory), []).append(converge(inventory, checkout))
-            debug = {name: converge(every, c, "--debug").output for name, c in checkouts.items()}
+                        runs.setdefault((name, inventory), []).append(
+                            converge(inventory, checkout, caches[name])
+                        )
+            debug = {
+                name: converge(every, c, caches[name], "--debug").output
+                for name, c in checkouts.items()
+            }
             hosts = list(fleet.hosts)
     finally:
         fleet.down()
