@@ -57,6 +57,7 @@ class Run:
     changed: dict[str, int] = field(default_factory=dict)
     output: str = ""
     cpu: float = 0.0  # the controller's CPU seconds (user + system) for the run
+    host_cpu: float = 0.0  # the test hosts' CPU seconds, where measured (bench/noop_scale.py)
 
     @property
     def tail(self) -> str:

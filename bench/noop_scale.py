@@ -18,6 +18,7 @@ Run as root from the repository root, with no other fleet on the same name.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import sys
@@ -45,11 +46,40 @@ def own_cache(base: Path, path: Path) -> Path:
     return path
 
 
-def converge(inventory: Path, checkout: Path, cache: Path, *args: str, noop: bool = True) -> Run:
-    """One timed `pyinfra -y` of the demo job with `checkout`'s package, or exit with its tail
-    (also when `noop` and it changed something)."""
+def tree_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system, reaped children included) of these processes and all their
+    descendants: the test hosts' whole containers, from their nspawn processes."""
+    children: dict[int, list[int]] = {}
+    own: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        own[int(entry.name)] = sum(int(t) for t in fields[11:15])
+    ticks, todo = 0, list(pids)
+    while todo:
+        pid = todo.pop()
+        ticks += own.get(pid, 0)
+        todo += children.get(pid, [])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def converge(
+    inventory: Path, checkout: Path, cache: Path, pids: list[int], *args: str, noop: bool = True
+) -> Run:
+    """One timed `pyinfra -y` of the demo job with `checkout`'s package, with the CPU the hosts
+    `pids` spent meanwhile (`host_cpu`); exit with its tail if it failed (or, when `noop`,
+    changed something)."""
     env = {**ENV, "PYTHONPATH": str(checkout), "G4F_CACHE": str(cache)}
+    before = tree_cpu(pids)
     run = pyinfra(str(inventory), "deploys/gemma4_mtp.py", *args, env=env, cwd=checkout)
+    time.sleep(0.5)  # the hosts' last processes of the run end and are reaped
+    run.host_cpu = tree_cpu(pids) - before
     if run.returncode or (noop and run.changed):
         raise SystemExit(f"no-op from {checkout} failed or changed {run.changed}:\n{run.tail}")
     return run
@@ -77,6 +107,8 @@ def main() -> None:
                 raise SystemExit(f"first converge failed:\n{first.tail}")
             print(f"first converge of {args.hosts} hosts: {first.seconds:.1f} s", flush=True)
             write_inventory(fleet, one, "shared", count=1)
+            pids = {one: [fleet.hosts[h].pid for h in list(fleet.hosts)[:1]]}
+            pids[every] = [h.pid for h in fleet.hosts.values()]
             caches = {name: own_cache(cache_dir(), Path(tmp) / name) for name in checkouts}
             runs: dict[tuple[str, Path], list[Run]] = {}
             # Warm-up: the last run's facts for the batch; an older checkout may still change
@@ -84,35 +116,39 @@ def main() -> None:
             # service account's home, /nonexistent, as a directory).
             for name, checkout in checkouts.items():
                 for inventory in (one, every):
-                    converge(inventory, checkout, caches[name], noop=False)
+                    converge(inventory, checkout, caches[name], pids[inventory], noop=False)
             for _ in range(args.runs):
                 for name, checkout in checkouts.items():
                     for inventory in (one, every):
                         runs.setdefault((name, inventory), []).append(
-                            converge(inventory, checkout, caches[name])
+                            converge(inventory, checkout, caches[name], pids[inventory])
                         )
             debug = {
-                name: converge(every, c, caches[name], "--debug").output
+                name: converge(every, c, caches[name], pids[every], "--debug").output
                 for name, c in checkouts.items()
             }
             hosts = list(fleet.hosts)
     finally:
         fleet.down()
     n = args.hosts
-    print(f"\nno-op, medians of {args.runs} alternating runs (wall s; controller CPU s):")
+    print(
+        f"\nno-op, medians of {args.runs} alternating runs (wall s; controller CPU s; CPU ms "
+        "each host spent, from its container's processes):"
+    )
     print(
         f"| package | 1 host | {n} hosts | wall ratio | CPU 1 host | CPU {n} hosts | CPU ratio "
-        "| SSH commands per host |\n|---|---|---|---|---|---|---|---|"
+        "| host CPU per host | SSH commands per host |\n|---|---|---|---|---|---|---|---|---|"
     )
     for name in checkouts:
         w1, wn = (statistics.median(r.seconds for r in runs[(name, inv)]) for inv in (one, every))
         c1, cn = (statistics.median(r.cpu for r in runs[(name, inv)]) for inv in (one, every))
+        host_ms = statistics.median(r.host_cpu * 1000 / n for r in runs[(name, every)])
         commands = [
             len(re.findall(rf"Running command on {re.escape(h)}:", debug[name])) for h in hosts
         ]
         print(
             f"| {name} | {w1:.2f} | {wn:.2f} | {wn / w1:.2f} | {c1:.2f} | {cn:.2f} "
-            f"| {cn / c1:.2f} | {statistics.median(commands):g} |"
+            f"| {cn / c1:.2f} | {host_ms:.0f} | {statistics.median(commands):g} |"
         )
     for (name, inventory), taken in runs.items():
         label = "1 host" if inventory == one else f"{n} hosts"
