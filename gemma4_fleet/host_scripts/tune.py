@@ -164,6 +164,11 @@ def pick(figures: Mapping[str, float | None], incumbent: str | None, margin: flo
     return best
 
 
+def recipe_wins(recipe_tps: float | None, chosen_tps: float | None, margin: float) -> bool:
+    """Whether the recipe measured faster than the chosen setting by more than `margin`."""
+    return (recipe_tps or 0.0) > (chosen_tps or 0.0) * (1.0 + margin)
+
+
 def kv_order(
     figures: Mapping[str, float | None], incumbent: str | None, margin: float
 ) -> list[str]:
@@ -450,8 +455,10 @@ def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
             log("server recipe")
             with TempServer(recipe["argv"], env, spec) as server:
                 result["recipe"] = {**single_stream(server, spec), "label": recipe["label"]}
-            # Never slower than the recipe as measured: its settings win then.
-            if (result["recipe"]["tps"] or 0) > (single[chosen]["tps"] or 0):
+            # Never slower than the recipe as measured: its settings win then (against settings
+            # already in use only by more than the margin, as any challenger).
+            kept = chosen == incumbent.get("single")
+            if recipe_wins(result["recipe"]["tps"], single[chosen]["tps"], margin if kept else 0):
                 log("the recipe measured fastest: keeping its settings")
                 chosen = recipe["single_label"]
                 order = list(dict.fromkeys([recipe["kv"], *order]))

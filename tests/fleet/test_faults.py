@@ -313,7 +313,7 @@ def test_a_host_powered_off_mid_deploy_converges_on_the_rerun(
     try:
         assert run.returncode != 0
         assert "EOFError" not in run.output, run.output[-3000:]  # node2 failed alone
-        assert "--spec-draft-p-min 0.25" in running_argv(fleet, NODE)
+        assert "--spec-draft-p-min 0.25" in running_argv(fleet, NODE), run.output[-4000:]
         assert requests.get(f"http://{fleet.hosts[NODE].address}:8080/health", timeout=10).ok
     finally:
         fleet.start_host(off)

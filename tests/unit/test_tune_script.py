@@ -97,6 +97,15 @@ def test_pick_keeps_the_incumbent_within_the_margin() -> None:
         tune.pick({"none": None}, None, 0.05)
 
 
+def test_the_recipe_beats_settings_in_use_only_beyond_the_margin() -> None:
+    # a new pick loses to a faster recipe; the settings in use (margin 0.3) stay within noise
+    assert tune.recipe_wins(139.9, 134.6, 0.0)
+    assert not tune.recipe_wins(139.9, 134.6, 0.3)
+    assert tune.recipe_wins(180.0, 134.6, 0.3)
+    assert not tune.recipe_wins(None, 134.6, 0.0)
+    assert tune.recipe_wins(1.0, None, 0.3)
+
+
 def test_kv_order_fastest_first_with_the_pick_leading() -> None:
     assert tune.kv_order({"f16": 178.3, "q8_0": 149.6}, None, 0.05) == ["f16", "q8_0"]
     assert tune.kv_order({"f16": 150.0, "q8_0": 149.6}, "q8_0", 0.05) == ["q8_0", "f16"]
