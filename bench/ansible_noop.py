@@ -34,13 +34,13 @@ sys.path.insert(0, str(ROOT))
 from bench.converge import pyinfra, write_inventory  # noqa: E402
 from gemma4_fleet.deploys.build import BUILD_PACKAGES  # noqa: E402
 from gemma4_fleet.deploys.units import SMOKE_PACKAGES  # noqa: E402
-from gemma4_fleet.render import HOST_SCRIPTS_DIR  # noqa: E402
+from gemma4_fleet.render import HOST_SCRIPTS_DIR, SHIPPED_SCRIPTS  # noqa: E402
 from gemma4_fleet.testfleet.hosts import Fleet  # noqa: E402
 
 ENV = {"G4F_PROGRESS_INTERVAL": "600"}
 SYSTEMD = "/etc/systemd/system"
 UNITS = ["llama-server-gemma3.service", "llama-smoke-gemma3.service", "llama-smoke-gemma3.timer"]
-SCRIPTS = ["smoke_check.py", "verify.py", "prune.py", "drain.py"]
+SCRIPTS = [Path(script).name for script in SHIPPED_SCRIPTS]
 PACKAGES = [*BUILD_PACKAGES, *SMOKE_PACKAGES]
 
 

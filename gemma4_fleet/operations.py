@@ -48,7 +48,14 @@ from gemma4_fleet.fleet_share import (
 from gemma4_fleet.host_checks import parse_passwd
 from gemma4_fleet.host_scripts.prune import MARKER as OWNED_MARKER
 from gemma4_fleet.progress import curl_progress, ninja_progress, with_progress
-from gemma4_fleet.render import DRAIN_SCRIPT, PRUNE_SCRIPT, VERIFY_SCRIPT
+from gemma4_fleet.render import (
+    BUILD_SCRIPT,
+    DRAIN_SCRIPT,
+    PLACE_MODEL_SCRIPT,
+    PRUNE_SCRIPT,
+    UNPACK_BUILD_SCRIPT,
+    VERIFY_SCRIPT,
+)
 
 logger = logging.getLogger("gemma4_fleet")
 Commands = Generator[
@@ -77,6 +84,11 @@ def _script(text: str, **values: str) -> StringCommand:
         "g4f",
         *(QuoteString(values[name]) for name in names),
     )
+
+
+def shipped(script: str, *values: str) -> StringCommand:
+    """Run a shipped host script (gemma4_fleet/host_scripts) with `sh`, each value one word."""
+    return StringCommand("sh", QuoteString(script), *(QuoteString(value) for value in values))
 
 
 @operation()
@@ -152,31 +164,15 @@ def build(config: HostConfig, role: ShareRole | None = None) -> Commands:
         host.noop(f"llama.cpp build {config.build_id} already installed")
         return
     root = config.build.install_root
-    script = _script(
-        'set -f; [ -z "$ccache" ] || export CCACHE_DIR="$ccache"; jobs="${jobs:-$(nproc)}"; '
-        # NVIDIA's installers put nvcc here without adding it to PATH.
-        'export PATH="$PATH:/usr/local/cuda/bin"; '
-        'mkdir -p "$root/build" "$root/builds"; '
-        'scratch="$root/build/$id"; stage="$root/builds/$id.partial"; '
-        'cmake -S "$root/src" -B "$scratch" -G Ninja $options >"$root/build/$id.log" 2>&1 || '
-        '{ tail -n 40 "$root/build/$id.log"; exit 1; }; '
-        'cmake --build "$scratch" --target llama-server llama-bench -j "$jobs" '
-        '>>"$root/build/$id.log" 2>&1 || { tail -n 40 "$root/build/$id.log"; exit 1; }; '
-        'rm -rf "$stage"; mkdir -p "$stage/bin"; : >"$stage/$owned"; '
-        'cp "$scratch/bin/llama-server" "$scratch/bin/llama-bench" "$stage/bin/"; '
-        '"$stage/bin/llama-server" --version >"$stage/VERSION" 2>&1; '
-        # Its options, for the flag check of every later run (no need to load the binary).
-        '"$stage/bin/llama-server" --help >"$stage/bin/llama-server.help" 2>&1; '
-        'printf "commit=%s\\nid=%s\\noptions=%s\\n" "$commit" "$id" "$options" '
-        '>"$stage/BUILD-INFO"; '
-        'rm -rf "$root/builds/$id"; mv "$stage" "$root/builds/$id"; rm -rf "$scratch"',
-        root=root,
-        id=config.build_id,
-        commit=config.llamacpp.commit,
-        options=" ".join(cmake_options(config)),
-        jobs=str(config.build.jobs or ""),
-        ccache=config.build.ccache_dir or "",
-        owned=OWNED_MARKER,
+    script = shipped(
+        BUILD_SCRIPT,
+        root,
+        config.build_id,
+        config.llamacpp.commit,
+        " ".join(cmake_options(config)),
+        str(config.build.jobs or ""),
+        config.build.ccache_dir or "",
+        OWNED_MARKER,
     )
     # ninja's [n/m] lines go to the build log: a progress line from there while it builds.
     yield with_progress(
@@ -278,22 +274,7 @@ def install_build(config: HostConfig, role: ShareRole, artifact: str) -> Command
     yield StringCommand("mkdir", "-p", QuoteString(f"{root}/build"), QuoteString(f"{root}/builds"))
     yield FileUploadCommand(artifact, upload)
     yield FileUploadCommand(str(checksum_path(Path(artifact))), f"{upload}.sha256")
-    yield _script(
-        'want="$(cut -d" " -f1 <"$tmp.sha256")"; got="$(sha256sum <"$tmp" | cut -d" " -f1)"; '
-        'if [ "$got" != "$want" ]; then rm -f "$tmp" "$tmp.sha256"; '
-        'echo "sha256 mismatch for $tmp: got $got, expected $want; builds unchanged" >&2; '
-        "exit 1; fi; "
-        'stage="$root/builds/.$id.unpack"; rm -rf "$stage"; mkdir -p "$stage"; '
-        'if ! tar -C "$stage" -xzf "$tmp" || [ ! -x "$stage/bin/llama-server" ] '
-        '|| [ ! -f "$stage/BUILD-INFO" ]; then rm -rf "$stage" "$tmp" "$tmp.sha256"; '
-        'echo "$tmp is not a llama.cpp build; builds unchanged" >&2; exit 1; fi; '
-        ': >"$stage/$owned"; rm -f "$tmp" "$tmp.sha256"; '
-        'rm -rf "$root/builds/$id"; mv "$stage" "$root/builds/$id"',
-        root=root,
-        id=config.build_id,
-        tmp=upload,
-        owned=OWNED_MARKER,
-    )
+    yield shipped(UNPACK_BUILD_SCRIPT, root, config.build_id, upload, OWNED_MARKER)
 
 
 @operation()
@@ -345,24 +326,12 @@ def model_file(dest: str, model: ModelFile, role: ShareRole | None = None) -> Co
     if model.local_path:
         # files.put-style upload of the controller's copy to the partial path.
         yield from _upload(model.local_path, f"{dest}.partial")
-        yield _place_model(dest, model, fetch="true")
+        yield _place_model(dest, model)
         return
-    # -C -: a download cut short by a network error, a reboot or Ctrl-C resumes with an HTTP
-    # Range request on the next run. A write error (full disk) deletes the partial file, so the
-    # deploy never leaves a host's disk full. curl's progress meter goes to a file that the
-    # progress lines are read from.
-    fetch = (
-        'rc=0; curl -fSL --retry 3 -C - -o "$tmp" "$url" 2>"$tmp.progress" || rc=$?; '
-        'if [ "$rc" != 0 ]; then grep -a "curl:" "$tmp.progress" >&2 || true; fi; '
-        'rm -f "$tmp.progress"; '
-        'if [ "$rc" = 23 ]; then rm -f "$tmp"; echo "cannot write $tmp (disk full? '
-        '$(df -B1 --output=avail "$(dirname "$dest")" | tail -n1 | tr -d " ") bytes free); '
-        'the model in service is untouched" >&2; exit 1; elif [ "$rc" != 0 ]; then '
-        'echo "download of $url stopped (curl exit $rc) at $(stat -c %s "$tmp" 2>/dev/null '
-        '|| echo 0) bytes; the next run resumes it" >&2; exit 1; fi'
-    )
+    # A download resumes with an HTTP Range request after a network error, a reboot or Ctrl-C;
+    # curl's progress meter goes to a file that the progress lines are read from.
     yield with_progress(
-        _place_model(dest, model, fetch),
+        _place_model(dest, model, url=model.url),
         what=f"download {model.file}",
         log_path=f"{dest}.partial.progress",
         parse=curl_progress,
@@ -407,32 +376,14 @@ def install_model(dest: str, model: ModelFile, role: ShareRole | None, artifact:
     what = f"model {model.file}"
     yield FunctionCommand(_check_artifact, (artifact, what, role.source, unchanged), {})
     yield from _upload(artifact, f"{dest}.partial")
-    yield _place_model(dest, model, fetch="true")
+    yield _place_model(dest, model)
 
 
-def _place_model(dest: str, model: ModelFile, fetch: str) -> StringCommand:
-    """Verify `dest.partial` (size, then sha256) and move it into place, after `fetch` (a shell
-    snippet that fills it, or "true" when it was uploaded); a file already good at `dest` is kept.
-    """
-    return _script(
-        'tmp="$dest.partial"; mkdir -p "$(dirname "$dest")"; : >"$(dirname "$dest")/$owned"; '
-        'if [ -f "$dest" ] && [ "$(sha256sum <"$dest" | cut -d" " -f1)" = "$want" ]; then '
-        'rm -f "$tmp"; else ' + fetch + "; "
-        # A wrong size fails before hashing gigabytes.
-        'if [ -n "$size" ] && [ "$(stat -c %s "$tmp")" != "$size" ]; then rm -f "$tmp"; '
-        'echo "size mismatch for $dest: got $(stat -c %s "$tmp" 2>/dev/null || echo 0), '
-        'expected $size" >&2; exit 1; fi; '
-        'got="$(sha256sum <"$tmp" | cut -d" " -f1)"; '
-        'if [ "$got" != "$want" ]; then rm -f "$tmp"; '
-        'echo "sha256 mismatch for $dest: got $got, expected $want" >&2; exit 1; fi; '
-        'chmod 0644 "$tmp"; mv -f "$tmp" "$dest"; fi; '
-        'printf "%s %s\\n" "$want" "$(stat -c "%s %Y" "$dest")" >"$dest.sha256"',
-        dest=dest,
-        want=model.sha256,
-        url=model.url or "",
-        size=str(model.size or ""),
-        owned=OWNED_MARKER,
-    )
+def _place_model(dest: str, model: ModelFile, url: str | None = None) -> StringCommand:
+    """Verify `dest.partial` (size, then sha256), downloaded from `url` or uploaded, and move it
+    into place; a file already good at `dest` is kept (host_scripts/place_model.sh)."""
+    size = str(model.size or "")
+    return shipped(PLACE_MODEL_SCRIPT, dest, model.sha256, size, OWNED_MARKER, url or "")
 
 
 def _upload(local_path: str, remote_path: str) -> Commands:

@@ -91,11 +91,24 @@ def chat_template_argv(inst: Instance) -> list[str]:
     return argv
 
 
-HOST_SCRIPTS_DIR = "/usr/local/lib/gemma4-fleet"  # gemma4_fleet/host_scripts/*.py, as shipped
+HOST_SCRIPTS_DIR = "/usr/local/lib/gemma4-fleet"  # gemma4_fleet/host_scripts/*, as shipped
+BUILD_SCRIPT = f"{HOST_SCRIPTS_DIR}/build.sh"
+UNPACK_BUILD_SCRIPT = f"{HOST_SCRIPTS_DIR}/unpack_build.sh"
+PLACE_MODEL_SCRIPT = f"{HOST_SCRIPTS_DIR}/place_model.sh"
 SMOKE_SCRIPT = f"{HOST_SCRIPTS_DIR}/smoke_check.py"
 VERIFY_SCRIPT = f"{HOST_SCRIPTS_DIR}/verify.py"
 PRUNE_SCRIPT = f"{HOST_SCRIPTS_DIR}/prune.py"
 DRAIN_SCRIPT = f"{HOST_SCRIPTS_DIR}/drain.py"
+# What every deploy ships first (tune.py and nvidia-uvm.sh go where they are needed).
+SHIPPED_SCRIPTS = (
+    BUILD_SCRIPT,
+    UNPACK_BUILD_SCRIPT,
+    PLACE_MODEL_SCRIPT,
+    SMOKE_SCRIPT,
+    VERIFY_SCRIPT,
+    PRUNE_SCRIPT,
+    DRAIN_SCRIPT,
+)
 KEYS_DIR = "/etc/gemma4-fleet/keys"  # root only (0700); the units load keys as credentials
 
 

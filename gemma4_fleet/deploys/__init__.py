@@ -31,6 +31,7 @@ from gemma4_fleet.deploys.gpu_services import gpu_services, pin_gpu_service
 from gemma4_fleet.deploys.models import models
 from gemma4_fleet.deploys.removal import retired
 from gemma4_fleet.deploys.reporting import collected_reports, print_fleet_table
+from gemma4_fleet.deploys.scripts import host_scripts
 from gemma4_fleet.deploys.units import instance_unit, servers, service_basics
 from gemma4_fleet.facts import (
     Gpu,
@@ -195,11 +196,12 @@ def model_roles() -> dict[str, ShareRole]:
 
 @deploy("Gemma 4 + MTP llama-server")
 def gemma4_mtp() -> None:
-    """The whole job for one host: toolchain, build, models, removal of what is no longer
-    listed, units, GPU services, prune."""
+    """The whole job for one host: toolchain, host scripts, build, models, removal of what is no
+    longer listed, units, GPU services, prune."""
     setup = host_setup()
     config = setup.config
     toolchain(config, setup.gpus)
+    host_scripts()
     built = llama_cpp(config, *build_role())
     placed = models(config, model_roles())
     gpu_devices(setup)
@@ -241,6 +243,7 @@ def redeploy_unit(name: str) -> None:
     gpu_devices(setup)
     for inst in config.instances:
         if name in (inst.name, inst.unit, inst.unit.removesuffix(".service")):
+            host_scripts()
             service_basics(config)
             instance_unit(setup, inst, changed=[])
             return

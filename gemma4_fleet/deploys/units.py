@@ -7,7 +7,6 @@ units are restored and the host fails.
 from __future__ import annotations
 
 from importlib.resources import files as package_files
-from pathlib import Path
 from typing import Any
 
 from pyinfra import host
@@ -26,12 +25,7 @@ from gemma4_fleet.gpu_devices import needs_uvm
 from gemma4_fleet.host_checks import SERVICE_ACCOUNT_MARK
 from gemma4_fleet.pipeline import HostSetup
 from gemma4_fleet.render import (
-    DRAIN_SCRIPT,
-    HOST_SCRIPTS_DIR,
-    PRUNE_SCRIPT,
-    SMOKE_SCRIPT,
     SMOKE_STATE_DIR,
-    VERIFY_SCRIPT,
     api_key_path,
     credential_path,
     cuda_environment,
@@ -55,9 +49,9 @@ def template_path(name: str) -> str:
     return str(package_files("gemma4_fleet") / "templates" / name)
 
 
-def service_basics(config: HostConfig) -> list[OperationMeta]:
-    """The service user, the host scripts (smoke check, verify, prune, drain) and the smoke
-    check's library the units rely on (no apt update when it is there: hosts may be offline)."""
+def service_basics(config: HostConfig) -> None:
+    """The service user and the smoke check's library the units rely on (no apt update when it
+    is there: hosts may be offline)."""
     install_missing(SMOKE_PACKAGES)
     g4f.service_account(
         name="Service user and group",
@@ -66,14 +60,6 @@ def service_basics(config: HostConfig) -> list[OperationMeta]:
         home="/nonexistent",
         shell="/usr/sbin/nologin",
     )
-    scripts = package_files("gemma4_fleet") / "host_scripts"
-    shipped = (SMOKE_SCRIPT, VERIFY_SCRIPT, PRUNE_SCRIPT, DRAIN_SCRIPT)
-    return [
-        g4f.shipped_files(
-            name=f"Host scripts in {HOST_SCRIPTS_DIR}",
-            files={dest: str(scripts / Path(dest).name) for dest in shipped},
-        )
-    ]
 
 
 @deploy("llama-server units")
@@ -83,7 +69,8 @@ def servers(setup: HostSetup, changed: list[OperationMeta]) -> list[OperationMet
     + setup: the host's config, VRAM plan (each instance's ctx) and GPU UUIDs
     + changed: build/model operations whose change must restart every instance
     """
-    results = service_basics(setup.config)
+    service_basics(setup.config)
+    results: list[OperationMeta] = []
     for inst in setup.config.instances:
         results += instance_unit(setup, inst, changed)
     return results

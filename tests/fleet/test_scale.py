@@ -75,13 +75,21 @@ def test_one_compile_then_artifact_and_tampered_artifact_rejected(
     scale_fleet: Fleet, tmp_path: Path
 ) -> None:
     cache = tmp_path / "controller-cache"
-    env = {"G4F_CACHE": str(cache), "G4F_PROGRESS_INTERVAL": "30"}
+    # Progress lines every 5 s: even the ccache-warm compile shows some.
+    env = {"G4F_CACHE": str(cache), "G4F_PROGRESS_INTERVAL": "5"}
     inv = inventory(scale_fleet, tmp_path / "scale_inventory.py")
     names = list(scale_fleet.hosts)
 
     first = run_pyinfra("deploys/gemma4_mtp.py", inventory=inv, env=env)
     assert first.returncode == 0, first.output[-4000:]
     assert compiled_on(scale_fleet) == [BUILDER]
+    # The compile reported its progress while it ran (ninja's [n/m] lines from its log).
+    steps = [
+        line
+        for line in first.output.splitlines()
+        if BUILDER in line and "llama.cpp build" in line and " step " in line and "%)" in line
+    ]
+    assert steps, first.output[-3000:]
     assert changed_hosts(first, "llama.cpp", "into the controller cache") == 1
     assert changed_hosts(first, "llama.cpp", "from the controller cache") == 2
     # One model download for the fleet: the first host fetches, the others get the copy.

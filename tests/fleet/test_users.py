@@ -1,4 +1,4 @@
-"""What users see on a deployed fleet: the OpenAI client, the chat path, `status`, progress."""
+"""What users see on a deployed fleet: the OpenAI client, the chat path, `status`."""
 
 from __future__ import annotations
 
@@ -86,14 +86,6 @@ def test_chat_stream(fleet: Fleet, deployed: PyinfraRun) -> None:
     text = "".join(pieces)
     assert len([p for p in pieces if p]) > 3, pieces  # it streamed, in several pieces
     assert text.strip() and not [g for g in GARBAGE if g in text], text
-
-
-def test_build_reported_progress_while_it_ran(deployed: PyinfraRun) -> None:
-    if not deployed.changed().get("Build llama.cpp"):
-        pytest.skip("the build was already there (G4F_KEEP_FLEET): nothing to report")
-    lines = [line for line in deployed.output.splitlines() if "llama.cpp build" in line]
-    steps = [line for line in lines if " step " in line and "%)" in line]
-    assert steps, deployed.output[-3000:]
 
 
 def test_status_of_a_healthy_fleet(fleet: Fleet, deployed: PyinfraRun) -> None:

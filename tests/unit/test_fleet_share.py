@@ -27,8 +27,16 @@ from gemma4_fleet.fleet_share import (
     store_artifact,
 )
 from gemma4_fleet.host_scripts.prune import MARKER
+from gemma4_fleet.render import PLACE_MODEL_SCRIPT, UNPACK_BUILD_SCRIPT
 from tests.unit.test_config import host_data
-from tests.unit.test_operations import RecordedHost, fact, run_op, script_words
+from tests.unit.test_operations import (
+    RecordedHost,
+    fact,
+    run_here,
+    run_op,
+    script_words,
+    shipped_words,
+)
 
 pytestmark = pytest.mark.unit
 COMPILE = ShareRole(make=True, publish=True)
@@ -161,7 +169,9 @@ def test_only_the_publishing_host_packs_and_only_installing_hosts_place(
     assert isinstance(up_tar, FileUploadCommand) and isinstance(up_sha, FileUploadCommand)
     assert (up_tar.src, up_tar.dest) == (artifact, packed)
     assert (up_sha.src, up_sha.dest) == (f"{artifact}.sha256", f"{packed}.sha256")
-    assert script_words(unpack)[1] == ["/opt/l l; $(id)", config.build_id, packed, MARKER]
+    assert shipped_words(unpack) == (
+        UNPACK_BUILD_SCRIPT, ["/opt/l l; $(id)", config.build_id, packed, MARKER]
+    )  # fmt: skip
 
     installed = RecordedHost(fact(LlamaCppBuildInfo, {"id": "x"}, build_dir=config.build_dir))
     assert run_op(g4f.install_build, installed, config=config, role=install, artifact="a") == []
@@ -200,9 +210,7 @@ def test_the_unpack_script_places_a_verified_build_and_refuses_a_tampered_one(
     def place(content: bytes, recorded: bytes) -> subprocess.CompletedProcess[str]:
         upload.write_bytes(content)
         Path(f"{upload}.sha256").write_text(f"{hashlib.sha256(recorded).hexdigest()}  x\n")
-        return subprocess.run(
-            ["sh", "-c", unpack.get_raw_value()], capture_output=True, text=True, check=False
-        )
+        return run_here(unpack)
 
     good = _tarball({"./bin/llama-server": b"#!/bin/sh\n", "./BUILD-INFO": b"id=x\n"})
     bad = place(good + b"tampered", good)
@@ -270,7 +278,9 @@ def test_one_host_downloads_a_model_publishes_it_and_the_others_place_the_copy(
     assert run_op(g4f.model_file, missing, dest=dest, model=model, role=install) == []
     assert missing.noops == ["t.gguf: not downloaded here (from a)"]
     (download,) = run_op(g4f.model_file, missing, dest=dest, model=model, role=fetch)
-    assert "curl" in download.command.get_raw_value()
+    assert shipped_words(download) == (
+        PLACE_MODEL_SCRIPT, [dest, model.sha256, "", MARKER, str(model.url)]
+    )  # fmt: skip
     assert (
         run_op(g4f.install_model, missing, dest=dest, model=model, role=fetch, artifact="a") == []
     )
@@ -296,7 +306,8 @@ def test_one_host_downloads_a_model_publishes_it_and_the_others_place_the_copy(
         str(artifact),
         f"{dest}.partial",
     )
-    assert "curl" not in place.get_raw_value() and "sha256sum" in place.get_raw_value()
+    # uploaded, not downloaded: no URL
+    assert shipped_words(place) == (PLACE_MODEL_SCRIPT, [dest, model.sha256, "", MARKER, ""])
     # the fleet's plan read the stamp already: no second round trip for it
     have, nothing = ShareRole(source="b", installed=True), RecordedHost({})
     assert run_op(g4f.model_file, nothing, dest=dest, model=model, role=have) == []

@@ -3,7 +3,8 @@
 The operation generator runs as pyinfra runs it at prepare time, with a host whose facts are
 recorded values: what matters is that an existing build/checkout/model yields nothing, and that
 every value reaches the host as its own quoted word (`x; whoami`, a newline) and never as code.
-The model placement script is also run for real on a temp dir.
+The shipped host scripts (build, model placement) also run for real here, on a temp dir: the
+package's copy, with the values the operation passes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import shlex
 import subprocess
 from collections.abc import Iterator
+from importlib.resources import files as package_files
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -31,7 +33,7 @@ from gemma4_fleet.facts import (
 )
 from gemma4_fleet.host_scripts.prune import MARKER
 from gemma4_fleet.progress import ProgressCommand
-from gemma4_fleet.render import PRUNE_SCRIPT, VERIFY_SCRIPT
+from gemma4_fleet.render import BUILD_SCRIPT, PLACE_MODEL_SCRIPT, PRUNE_SCRIPT, VERIFY_SCRIPT
 from tests.unit.test_config import host_data
 
 pytestmark = pytest.mark.unit
@@ -85,6 +87,24 @@ def script_words(command: StringCommand | ProgressCommand) -> tuple[str, list[st
     return script, values
 
 
+def shipped_words(command: StringCommand | ProgressCommand) -> tuple[str, list[str]]:
+    """(host script, its values) of a `sh SCRIPT VALUES...` command."""
+    sh, script, *values = words(command)
+    assert sh == "sh"
+    return script, values
+
+
+def run_here(
+    command: StringCommand | ProgressCommand, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """A shipped-script command run on this machine: the package's copy, the same values."""
+    script, values = shipped_words(command)
+    local = package_files("gemma4_fleet") / "host_scripts" / Path(script).name
+    return subprocess.run(
+        ["sh", str(local), *values], capture_output=True, text=True, check=False, env=env
+    )
+
+
 @pytest.fixture
 def config() -> Iterator[Any]:
     data = host_data(
@@ -122,11 +142,11 @@ def test_build_runs_only_without_an_installed_build(config: Any) -> None:
 
     missing = RecordedHost(fact(LlamaCppBuildInfo, None, build_dir=config.build_dir))
     (command,) = run_op(g4f.build, missing, config=config)
-    script, values = script_words(command)
     options = " ".join(g4f.cmake_options(config))
-    assert values == ["/opt/l l", config.build_id, COMMIT, options, "", HOSTILE_PATH, MARKER]
-    assert "whoami" not in script
-    assert ': >"$stage/$owned"' in script  # the marker prune looks for
+    assert shipped_words(command) == (
+        BUILD_SCRIPT,
+        ["/opt/l l", config.build_id, COMMIT, options, "", HOSTILE_PATH, MARKER],
+    )
 
 
 def test_flags_known_fails_the_host_on_an_unknown_flag() -> None:
@@ -213,10 +233,13 @@ def test_model_file_is_verified_before_it_is_moved_into_place(tmp_path: Path) ->
     mkdir, upload, script = run_op(g4f.model_file, host, dest=str(dest), model=model)
     assert words(mkdir) == ["mkdir", "-p", str(dest.parent)]
     assert (upload.src, upload.dest) == (model.local_path, f"{dest}.partial")
+    assert shipped_words(script) == (
+        PLACE_MODEL_SCRIPT, [str(dest), model.sha256, "", MARKER, ""]
+    )  # fmt: skip
     # the upload, then the script on this machine: a hostile path is a path, not code
     _shell(mkdir).check_returncode()
     Path(f"{dest}.partial").write_bytes(b"GGUF good")
-    done = _shell(script)
+    done = run_here(script)
     assert done.returncode == 0, done.stderr
     assert dest.read_bytes() == b"GGUF good" and (dest.parent / MARKER).is_file()
     assert (dest.parent / "t.gguf.sha256").read_text().startswith(model.sha256 + " 9 ")
@@ -226,7 +249,7 @@ def test_model_file_is_verified_before_it_is_moved_into_place(tmp_path: Path) ->
     wrong = wrong.model_copy(update={"sha256": hashlib.sha256(b"GGUF new").hexdigest()})
     *_, script = run_op(g4f.model_file, host, dest=str(dest), model=wrong)
     Path(f"{dest}.partial").write_bytes(b"GGUF evil")
-    done = _shell(script)
+    done = run_here(script)
     assert done.returncode == 1 and "sha256 mismatch" in done.stderr
     assert dest.read_bytes() == b"GGUF good" and not Path(f"{dest}.partial").exists()
 

@@ -34,7 +34,7 @@ from gemma4_fleet.progress import ProgressCommand, curl_progress, ninja_progress
 from gemma4_fleet.render import flag_names, parse_help_flags, server_argv
 from gemma4_fleet.status import StatusRow, age, status_table
 from gemma4_fleet.vram_plan import meta_for_model, plan_host, with_kv
-from tests.unit.test_operations import RecordedHost, fact, run_op
+from tests.unit.test_operations import RecordedHost, fact, run_here, run_op
 
 pytestmark = pytest.mark.unit
 DATA = Path(__file__).parent / "data"
@@ -457,9 +457,7 @@ def test_a_download_runs_with_progress_and_says_why_it_failed(
     (command,) = run_op(g4f.model_file, host, dest=str(dest), model=model)
     assert isinstance(command, ProgressCommand)
     assert (command.what, command.log_path) == ("download t.gguf", f"{dest}.partial.progress")
-    done = subprocess.run(
-        ["sh", "-c", command.command.get_raw_value()], capture_output=True, text=True, check=False
-    )
+    done = run_here(command)
     assert done.returncode == 0, done.stderr
     assert dest.read_bytes() == b"GGUF good"
     assert not Path(command.log_path).exists()  # the meter is removed with the download
@@ -468,9 +466,7 @@ def test_a_download_runs_with_progress_and_says_why_it_failed(
         update={"url": f"{url}/gone.gguf", "sha256": hashlib.sha256(b"new").hexdigest()}
     )
     (command,) = run_op(g4f.model_file, host, dest=str(dest), model=gone)
-    failed = subprocess.run(
-        ["sh", "-c", command.command.get_raw_value()], capture_output=True, text=True, check=False
-    )
+    failed = run_here(command)
     assert failed.returncode == 1
     assert failed.stderr.startswith("curl: (22)") and "404" in failed.stderr, failed.stderr
     assert dest.read_bytes() == b"GGUF good"  # the placed model stays
