@@ -34,7 +34,7 @@ from gemma4_fleet.facts import (
     LlamaServerFlags,
     ModelFileStamp,
     ServiceAccount,
-    SystemdUnitState,
+    SystemdUnitStates,
     model_verified,
 )
 from gemma4_fleet.fleet_share import (
@@ -567,13 +567,18 @@ def service_account(user: str, comment: str, home: str, shell: str) -> Commands:
 
 
 @operation()
-def unit_running(unit: str) -> Commands:
+def unit_running(unit: str, read_with: list[str] | None = None) -> Commands:
     """Start a unit that is not running and enable one that is not enabled, reading both in
     one round trip (pyinfra's systemd.service takes two).
 
     + unit: full unit name ("x.service", "x.timer")
+    + read_with: other units whose state the deploy reads too: one `systemctl show` for all
     """
-    now = host.get_fact(SystemdUnitState, unit=unit)
+    units = sorted({unit, *(read_with or [])})
+    now = host.get_fact(SystemdUnitStates, units=units).get(unit)
+    if now is None:
+        yield failure(f"systemctl show gave no state for {unit}")
+        return
     if not now.running:
         yield StringCommand("systemctl", "start", "--", QuoteString(unit))
     if not now.enabled:

@@ -121,11 +121,18 @@ def instance_unit(
         name=f"daemon-reload for {inst.unit}",
         _if=lambda: bool(unverified) or bool(any_changed(unit, *smoke)()),
     )
+    # Both units' state in one read.
+    running = [inst.unit, *([inst.smoke_timer] if smoke else [])]
     if smoke:
-        g4f.unit_running(name=f"{inst.smoke_timer} enabled", unit=inst.smoke_timer)
+        g4f.unit_running(
+            name=f"{inst.smoke_timer} enabled", unit=inst.smoke_timer, read_with=running
+        )
     # Errors here are judged (and rolled back) by the verification below.
     started = g4f.unit_running(
-        name=f"{inst.unit} enabled and running", unit=inst.unit, _ignore_errors=True
+        name=f"{inst.unit} enabled and running",
+        unit=inst.unit,
+        read_with=running,
+        _ignore_errors=True,
     )
 
     def restart_due() -> bool:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
 from pyinfra.api import FactProcessError
 
 from gemma4_fleet.config import parse_host_config
-from gemma4_fleet.facts import NvidiaGpus, parse_nvidia_smi
+from gemma4_fleet.facts import NvidiaGpus, SystemdUnitStates, UnitState, parse_nvidia_smi
 from gemma4_fleet.pipeline import with_gpu_architectures
 from tests.unit.test_config import host_data
 
@@ -185,3 +186,45 @@ def test_os_release_is_read_as_key_values() -> None:
         "VERSION_ID": "12",
     }
     assert OsRelease().process([]) == {}
+
+
+# Recorded on a test host after a deploy (systemd 252): two of the deploy's units, a static
+# service, a unit that does not exist, and one of systemd's own.
+SYSTEMCTL_SHOW = """\
+Id=llama-server-gemma3.service
+SubState=running
+UnitFileState=enabled
+
+Id=llama-smoke-gemma3.timer
+SubState=waiting
+UnitFileState=enabled
+
+Id=llama-smoke-gemma3.service
+SubState=dead
+UnitFileState=static
+
+Id=nope.service
+SubState=dead
+UnitFileState=
+
+Id=systemd-journald.service
+SubState=running
+UnitFileState=static
+""".splitlines()
+
+
+def test_unit_states_of_several_units_come_from_one_systemctl_show() -> None:
+    fact = SystemdUnitStates()
+    units = ["llama-server-gemma3.service", "x; whoami.timer"]
+    assert shlex.split(fact.command(units=units).get_raw_value()) == [
+        "systemctl", "show", "--property", "Id,SubState,UnitFileState", "--", *units
+    ]  # fmt: skip
+    assert fact.process(SYSTEMCTL_SHOW) == {
+        "llama-server-gemma3.service": UnitState(running=True, enabled=True),
+        "llama-smoke-gemma3.timer": UnitState(running=True, enabled=True),
+        "llama-smoke-gemma3.service": UnitState(running=False, enabled=True),
+        "nope.service": UnitState(running=False, enabled=False),
+        "systemd-journald.service": UnitState(running=True, enabled=True),
+    }
+    with pytest.raises(FactProcessError):
+        fact.process(["Failed to connect to bus: No such file or directory"])

@@ -30,6 +30,8 @@ from gemma4_fleet.facts import (
     LlamaCppBuildInfo,
     LlamaServerFlags,
     ModelFileStamp,
+    SystemdUnitStates,
+    UnitState,
 )
 from gemma4_fleet.host_scripts.prune import MARKER
 from gemma4_fleet.progress import ProgressCommand
@@ -358,3 +360,21 @@ def test_service_account_corrects_only_what_differs_each_value_one_word() -> Non
             *("--gid", "llama", "llama"),
         ],
     ]
+
+
+def test_unit_running_starts_and_enables_only_what_is_not_and_reads_once() -> None:
+    units = ["a.service", "a.timer"]
+    states = {
+        "a.service": UnitState(running=False, enabled=True),
+        "a.timer": UnitState(True, False),
+    }
+    host = RecordedHost(fact(SystemdUnitStates, states, units=units))
+    (start,) = run_op(g4f.unit_running, host, unit="a.service", read_with=units)
+    assert words(start) == ["systemctl", "start", "--", "a.service"]
+    # the same read (same units, sorted) answers the other unit
+    (enable,) = run_op(g4f.unit_running, host, unit="a.timer", read_with=["a.timer", "a.service"])
+    assert words(enable) == ["systemctl", "enable", "--", "a.timer"]
+    fine = {u: UnitState(running=True, enabled=True) for u in units}
+    up = RecordedHost(fact(SystemdUnitStates, fine, units=units))
+    assert run_op(g4f.unit_running, up, unit="a.timer", read_with=units) == []
+    assert up.noops == ["a.timer is running and enabled"]
