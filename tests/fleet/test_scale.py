@@ -75,8 +75,8 @@ def test_one_compile_then_artifact_and_tampered_artifact_rejected(
     scale_fleet: Fleet, tmp_path: Path
 ) -> None:
     cache = tmp_path / "controller-cache"
-    # Progress lines every 5 s: even the ccache-warm compile shows some.
-    env = {"G4F_CACHE": str(cache), "G4F_PROGRESS_INTERVAL": "5"}
+    # Progress lines every second (the least): a ccache-warm compile takes only seconds.
+    env = {"G4F_CACHE": str(cache), "G4F_PROGRESS_INTERVAL": "1"}
     inv = inventory(scale_fleet, tmp_path / "scale_inventory.py")
     names = list(scale_fleet.hosts)
 
