@@ -86,9 +86,11 @@ def _script(text: str, **values: str) -> StringCommand:
     )
 
 
-def shipped(script: str, *values: str) -> StringCommand:
-    """Run a shipped host script (gemma4_fleet/host_scripts) with `sh`, each value one word."""
-    return StringCommand("sh", QuoteString(script), *(QuoteString(value) for value in values))
+def shipped(script: str, *values: str, interpreter: str = "sh") -> StringCommand:
+    """Run a shipped host script (gemma4_fleet/host_scripts), each value one quoted word."""
+    return StringCommand(
+        interpreter, QuoteString(script), *(QuoteString(value) for value in values)
+    )
 
 
 @operation()
@@ -416,7 +418,7 @@ def verify_or_roll_back(
     args += ["--lkg-dir", LKG_DIR]
     if smoke_unit:
         args += ["--smoke-unit", smoke_unit, "--report", report]
-    yield StringCommand("python3", QuoteString(VERIFY_SCRIPT), *(QuoteString(a) for a in args))
+    yield shipped(VERIFY_SCRIPT, *args, interpreter="python3")
 
 
 @operation()
@@ -429,23 +431,18 @@ def prune(install_root: str, models_dir: str, unit_glob: str) -> Commands:
     + unit_glob: the llama-server units, e.g. llama-server-*.service
     """
     args = ["--unit-glob", unit_glob, "--lkg-dir", LKG_DIR, f"{install_root}/builds", models_dir]
-    yield StringCommand("python3", QuoteString(PRUNE_SCRIPT), *(QuoteString(a) for a in args))
+    yield shipped(PRUNE_SCRIPT, *args, interpreter="python3")
 
 
 def _drain(
     state: State, host: Host, unit: str, url: str, timeout: int, key_files: list[str]
 ) -> bool:
     """Run the drain script on the host and show its lines (what it waited for) in the log."""
-    command = StringCommand(
-        "python3",
+    command = shipped(
         DRAIN_SCRIPT,
-        "--unit",
-        QuoteString(unit),
-        "--url",
-        QuoteString(url),
-        "--timeout",
-        str(timeout),
-        *(part for path in key_files for part in ("--api-key-file", QuoteString(path))),
+        *("--unit", unit, "--url", url, "--timeout", str(timeout)),
+        *(part for path in key_files for part in ("--api-key-file", path)),
+        interpreter="python3",
     )
     ok, output = host.run_shell_command(command, _timeout=timeout + 120)
     for line in output.stdout_lines:
