@@ -96,15 +96,11 @@ def shipped_words(command: StringCommand | ProgressCommand) -> tuple[str, list[s
     return script, values
 
 
-def run_here(
-    command: StringCommand | ProgressCommand, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
+def run_here(command: StringCommand | ProgressCommand) -> subprocess.CompletedProcess[str]:
     """A shipped-script command run on this machine: the package's copy, the same values."""
     script, values = shipped_words(command)
     local = package_files("gemma4_fleet") / "host_scripts" / Path(script).name
-    return subprocess.run(
-        ["sh", str(local), *values], capture_output=True, text=True, check=False, env=env
-    )
+    return subprocess.run(["sh", str(local), *values], capture_output=True, text=True, check=False)
 
 
 @pytest.fixture
