@@ -276,6 +276,11 @@ class SystemdUnitStates(FactBase[dict[str, UnitState]]):
     RUNNING = ("running", "waiting", "exited", "listening", "mounted")
     ENABLED = ("enabled", "static")
 
+    @staticmethod
+    def default() -> dict[str, UnitState]:
+        """No state read (a host lost mid-run): the operation fails that host alone."""
+        return {}
+
     def command(self, units: list[str]) -> StringCommand:
         return StringCommand(
             "systemctl",

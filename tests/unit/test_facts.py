@@ -228,3 +228,5 @@ def test_unit_states_of_several_units_come_from_one_systemctl_show() -> None:
     }
     with pytest.raises(FactProcessError):
         fact.process(["Failed to connect to bus: No such file or directory"])
+    # a read that failed (the host went away) gives no states, not None
+    assert SystemdUnitStates.default() == {}

@@ -374,3 +374,8 @@ def test_unit_running_starts_and_enables_only_what_is_not_and_reads_once() -> No
     up = RecordedHost(fact(SystemdUnitStates, fine, units=units))
     assert run_op(g4f.unit_running, up, unit="a.timer", read_with=units) == []
     assert up.noops == ["a.timer is running and enabled"]
+    # no state read (the host went away mid-run): this host fails, with the reason
+    lost = RecordedHost(fact(SystemdUnitStates, SystemdUnitStates.default(), units=units))
+    (failed,) = run_op(g4f.unit_running, lost, unit="a.timer", read_with=units)
+    assert isinstance(failed, FunctionCommand)
+    assert failed.args == ("systemctl show gave no state for a.timer",)
